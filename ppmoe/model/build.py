@@ -1,0 +1,32 @@
+"""Config -> GPT: fill defaults, pad the vocabulary, initialise deterministically from the seed."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import ExperimentConfig, derived_ffn_hidden, padded_vocab_size
+from .gpt import GPT, GPTShape
+
+
+def model_shape(cfg: ExperimentConfig, vocab_size: int | None = None) -> GPTShape:
+    """Sizes of the model; `vocab_size` (from the dataset) is used when model.vocab_size is null."""
+    m = cfg.model
+    vocab = m.vocab_size or vocab_size
+    if vocab is None:
+        raise ValueError("model.vocab_size is null and no dataset vocabulary was given")
+    return GPTShape(
+        n_layers=m.n_layers, d_model=m.d_model, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads or m.n_heads,
+        ffn_hidden=derived_ffn_hidden(m), vocab_size=padded_vocab_size(vocab, m.vocab_multiple),
+        max_seq_len=cfg.train.seq_len, rope_theta=m.rope_theta, norm_eps=m.norm_eps,
+        tie_embeddings=m.tie_embeddings, init_std=m.init_std,
+    )
+
+
+def build_model(shape: GPTShape, seed: int, device: torch.device | str = "cpu") -> GPT:
+    """The full model, initialised identically on every rank (same seed), before any parallelism.
+    Initialisation runs on CPU so the weights do not depend on the device's random generator."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    model = GPT(shape)
+    torch.random.set_rng_state(generator_state)
+    return model.to(device)

@@ -1,0 +1,78 @@
+"""A decoder-only GPT in plain PyTorch; parallelism is applied to it from outside (ppmoe.parallel)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .layers import Block, RMSNorm, SwiGLU, rotary_tables
+
+
+@dataclass(frozen=True)
+class GPTShape:
+    """Resolved sizes of a GPT (config defaults filled in, vocabulary padded)."""
+
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_hidden: int
+    vocab_size: int
+    max_seq_len: int
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+
+class GPT(nn.Module):
+    """tokens [batch, seq] -> logits [batch, seq, vocab].
+
+    Layers live in a ModuleDict keyed '0'..'L-1' so that a pipeline stage can drop the layers it does
+    not own and keep the others' names (checkpoint keys stay the same whatever the layout); likewise
+    `tok_embeddings`, `norm` and `output` may be None on stages that do not own them.
+    """
+
+    def __init__(self, shape: GPTShape):
+        super().__init__()
+        self.shape = shape
+        self.tok_embeddings = nn.Embedding(shape.vocab_size, shape.d_model)
+        self.layers = nn.ModuleDict({
+            str(i): Block(shape.d_model, shape.n_heads, shape.n_kv_heads,
+                          SwiGLU(shape.d_model, shape.ffn_hidden), shape.norm_eps)
+            for i in range(shape.n_layers)
+        })
+        self.norm = RMSNorm(shape.d_model, shape.norm_eps)
+        self.output = nn.Linear(shape.d_model, shape.vocab_size, bias=False)
+        # Rotary tables are not parameters and not saved: they follow from the shape.
+        cos, sin = rotary_tables(shape.d_model // shape.n_heads, shape.max_seq_len, shape.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+        if shape.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def reset_parameters(self) -> None:
+        """GPT-2 init: N(0, std) everywhere, residual output projections scaled by 1/sqrt(2L)."""
+        std = self.shape.init_std
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p)
+            elif name.endswith(("wo.weight", "w2.weight")):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.shape.n_layers))
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        seq = tokens.shape[1]
+        if seq > self.shape.max_seq_len:
+            raise ValueError(f"sequence of {seq} tokens is longer than the model's max_seq_len {self.shape.max_seq_len}")
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+        for layer in self.layers.values():
+            h = layer(h, cos, sin)
+        h = self.norm(h) if self.norm is not None else h
+        return self.output(h) if self.output is not None else h

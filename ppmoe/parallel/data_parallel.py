@@ -1,0 +1,46 @@
+"""Data parallelism over the mesh's 'dp' dimension, composed with tensor parallelism.
+
+Both flavours come from FSDP2's machinery, which understands DTensor (TP-sharded) parameters:
+- 'fsdp': `fully_shard` per block and at the root; parameters, gradients and optimizer state are
+  sharded over dp and gathered per block for compute.
+- 'ddp': `replicate` (the FSDP2-based DDP); parameters replicated, gradients all-reduced.
+torch's classic DistributedDataParallel is not used: it cannot hold DTensor parameters (TP x DP fails
+in its start-up broadcast).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import fully_shard
+
+from ..model.gpt import GPT
+
+
+def apply_fsdp(model: GPT, dp_mesh: DeviceMesh) -> None:
+    for layer in model.layers.values():
+        fully_shard(layer, mesh=dp_mesh)
+    fully_shard(model, mesh=dp_mesh)
+
+
+def apply_ddp(model: GPT, dp_mesh: DeviceMesh) -> None:
+    from torch.distributed._composable.replicate_with_fsdp import replicate
+
+    replicate(model, mesh=dp_mesh)
+
+
+DATA_PARALLEL: dict[str, Callable[[GPT, DeviceMesh], None]] = {"fsdp": apply_fsdp, "ddp": apply_ddp}
+
+
+def apply_data_parallel(model: GPT, dp_mesh: DeviceMesh, dp_type: str) -> None:
+    """Wrap `model` in place. With one data-parallel rank nothing is wrapped."""
+    if dp_mesh.size() > 1:
+        DATA_PARALLEL[dp_type](model, dp_mesh)
+
+
+def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
+    """Skip the gradient reduction on all but the last micro-batch of an accumulation window."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(enabled)

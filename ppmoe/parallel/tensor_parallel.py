@@ -1,0 +1,48 @@
+"""Megatron-style tensor parallelism for the GPT, applied from outside with DTensor.
+
+Per block: q/k/v and w1/w3 are column-parallel (each rank owns whole heads / a slice of the FFN),
+wo and w2 are row-parallel (partial sums all-reduced). The embedding is vocab-parallel (row-sharded
+table, masked lookup, all-reduce) and the output projection column-parallel over the vocabulary; its
+logits stay sharded ([batch, seq, vocab/tp]) and the loss is computed under `loss_parallel()`, so the
+full vocabulary is never gathered. Norm weights stay replicated plain tensors: their inputs are
+replicated and their gradients arrive already summed over the TP group.
+"""
+
+from __future__ import annotations
+
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+from ..model.gpt import GPT
+
+
+def block_plan() -> dict:
+    return {
+        "attention.wq": ColwiseParallel(),
+        "attention.wk": ColwiseParallel(),
+        "attention.wv": ColwiseParallel(),
+        "attention.wo": RowwiseParallel(),
+        "feed_forward.w1": ColwiseParallel(),
+        "feed_forward.w3": ColwiseParallel(),
+        "feed_forward.w2": RowwiseParallel(),
+    }
+
+
+def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh) -> None:
+    """Shard `model` in place over `tp_mesh` (a 1D mesh). Every rank must hold the same full weights
+    before the call (build_model with the same seed); each keeps its own slice."""
+    if tp_mesh.size() == 1:
+        return
+    tied = model.shape.tie_embeddings
+    plan = {}
+    if model.tok_embeddings is not None:
+        plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate())
+    if model.output is not None:
+        plan["output"] = ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
+    parallelize_module(model, tp_mesh, plan)
+    for layer in model.layers.values():
+        parallelize_module(layer, tp_mesh, block_plan())
+    if tied and model.tok_embeddings is not None and model.output is not None:
+        # Both tables are sharded along the vocabulary (dim 0), so one DTensor serves both.
+        model.output.weight = model.tok_embeddings.weight

@@ -1,0 +1,103 @@
+"""Distributed checkpoints with torch.distributed.checkpoint (DCP), written atomically.
+
+Layout: <dir>/step_<N>/ holds DCP's files (each rank writes its own shards, `.metadata` describes the
+global tensors, so a checkpoint loads into any parallel layout) plus rng/rank<R>.pt. A checkpoint is
+written to step_<N>.tmp and renamed only after every rank has finished, so a crash mid-save leaves a
+.tmp directory that is never picked up, and the previous checkpoint stays intact.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Finished checkpoints under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = STEP_DIR.match(child.name)
+        if match and (child / ".metadata").is_file():
+            found.append((int(match.group(1)), child))
+    return [path for _, path in sorted(found)]
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"cpu": torch.random.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.random.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class CheckpointManager:
+    """Saves and restores model, optimizer and trainer state (step, data position, RNG)."""
+
+    def __init__(self, root: str | Path, keep: int, rank: int):
+        self.root = Path(root)
+        self.keep = keep
+        self.rank = rank
+
+    def latest(self) -> Path | None:
+        done = complete_checkpoints(self.root)
+        return done[-1] if done else None
+
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict) -> Path:
+        """Collective: every rank calls it. `trainer_state` must be the same on all ranks."""
+        final = self.root / f"step_{step:08d}"
+        tmp = self.root / f"step_{step:08d}.tmp"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd, "trainer": trainer_state}, checkpoint_id=str(tmp))
+        (tmp / "rng").mkdir(exist_ok=True)
+        torch.save(rng_state(), tmp / "rng" / f"rank{self.rank}.pt")
+        dist.barrier()
+        if self.rank == 0:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)  # atomic: the checkpoint appears complete or not at all
+            self.prune()
+        dist.barrier()
+        return final
+
+    def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             trainer_template: dict) -> dict:
+        """Restore model and optimizer in place (resharding to the current layout) and return the
+        trainer state that was saved; `trainer_template` has the same keys (DCP loads by key)."""
+        if not (path / ".metadata").is_file():
+            raise FileNotFoundError(f"{path} is not a complete checkpoint (no .metadata); "
+                                    f"point train.resume at a step_* directory")
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd, "trainer": trainer_template}
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        rng_file = path / "rng" / f"rank{self.rank}.pt"
+        if rng_file.is_file():  # absent when resuming at another world size: keep the fresh seed
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        return state["trainer"]
+
+    def prune(self) -> None:
+        if self.keep <= 0:
+            return
+        for old in complete_checkpoints(self.root)[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,94 @@
+"""Where metrics go: the console progress line, metrics.jsonl in the run directory, and wandb."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ExperimentConfig, to_dict
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak accelerator memory, or the process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def format_line(m: dict[str, Any], total_steps: int) -> str:
+    """One console line: step, loss, lr, grad norm, tokens/s, MFU (if known), memory, val loss."""
+    parts = [f"step {m['step']:>6}/{total_steps}", f"loss {m['loss']:.4f}", f"lr {m['lr']:.2e}",
+             f"grad {m['grad_norm']:.3f}", f"tok/s {m['tokens_per_sec']:,.0f}"]
+    if m.get("mfu") is not None:
+        parts.append(f"mfu {100 * m['mfu']:.1f}%")
+    parts.append(f"mem {m['memory_gib']:.2f}GiB")
+    if "val_loss" in m:
+        parts.append(f"val {m['val_loss']:.4f}")
+    return " | ".join(parts)
+
+
+class WandbSink:
+    """Logs each metrics record to wandb; offline unless an API key is present (auto mode)."""
+
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path):
+        try:
+            import wandb
+        except ImportError as e:
+            raise ImportError("logging.wandb is true but wandb is not installed: pip install 'ppmoe[wandb]'") from e
+        mode = cfg.logging.wandb_mode
+        if mode == "auto":
+            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        self.run = wandb.init(project=cfg.logging.wandb_project, name=cfg.logging.run_name or run_dir.name,
+                              dir=str(run_dir), config=to_dict(cfg), mode=mode, resume="allow")
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MetricsLogger:
+    """Rank 0 writes; the other ranks' calls do nothing. metrics.jsonl is appended to, so a resumed
+    run continues the same file (a step logged twice after a crash: the later record wins)."""
+
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path, is_main: bool):
+        self.is_main = is_main
+        self.total_steps = cfg.train.steps
+        self.path = run_dir / "metrics.jsonl"
+        self.sinks = [WandbSink(cfg, run_dir)] if (is_main and cfg.logging.wandb) else []
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        for sink in self.sinks:
+            sink.log(record)
+        if "loss" in record:
+            print(format_line(record, self.total_steps), flush=True)
+        else:
+            print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()), flush=True)
+
+    def info(self, message: str) -> None:
+        if self.is_main:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+
+
+def read_metrics(path: str | Path) -> dict[int, dict]:
+    """metrics.jsonl -> {step: merged record}, later records overriding earlier ones."""
+    out: dict[int, dict] = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            out.setdefault(record["step"], {}).update(record)
+    return out

@@ -1,0 +1,64 @@
+"""One optimizer step's forward/backward over micro-batches, and the validation loss."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, ContextManager, Iterable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ..parallel import set_gradient_sync
+from .loss import LossFunction, scalar_value
+
+
+def autocast_factory(device: torch.device, dtype: str) -> Callable[[], ContextManager]:
+    """bf16 autocast on GPU ('auto' or 'bf16'); fp32 elsewhere. Parameters stay fp32 either way."""
+    use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def forward_backward(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, micro_batch_size: int,
+                     loss_fn: LossFunction, autocast: Callable[[], ContextManager]) -> torch.Tensor:
+    """Accumulate gradients of the mean loss over this rank's batch.
+
+    inputs/targets: [local_batch, seq] with local_batch a multiple of micro_batch_size. Each micro-batch's
+    loss is divided by the number of micro-batches, so the gradient equals that of the whole batch's mean
+    (all micro-batches have the same token count). Data-parallel reduction (an average) happens once, on
+    the last micro-batch. Returns this rank's mean loss (plain 0-d tensor, detached).
+    """
+    chunks = list(zip(inputs.split(micro_batch_size), targets.split(micro_batch_size)))
+    total = torch.zeros((), device=inputs.device)
+    for i, (x, y) in enumerate(chunks):
+        set_gradient_sync(model, i == len(chunks) - 1)
+        with loss_fn.context():
+            with autocast():
+                logits = model(x)
+            loss = loss_fn.compute(logits, y)
+            (loss / len(chunks)).backward()
+        total += scalar_value(loss)
+    return total / len(chunks)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], micro_batch_size: int,
+             loss_fn: LossFunction, autocast: Callable[[], ContextManager], device: torch.device,
+             dp_group: dist.ProcessGroup | None) -> float:
+    """Mean loss over `batches` (each [local_batch, seq]), averaged over the data-parallel group."""
+    was_training = model.training
+    model.eval()
+    total, count = torch.zeros((), device=device), 0
+    for inputs, targets in batches:
+        for x, y in zip(inputs.split(micro_batch_size), targets.split(micro_batch_size)):
+            with loss_fn.context(), autocast():
+                total += scalar_value(loss_fn.compute(model(x.to(device)), y.to(device)))
+            count += 1
+    model.train(was_training)
+    mean = total / max(count, 1)
+    if dp_group is not None and dist.get_world_size(dp_group) > 1:
+        dist.all_reduce(mean, group=dp_group)
+        mean /= dist.get_world_size(dp_group)
+    return float(mean)
