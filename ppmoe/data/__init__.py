@@ -1,0 +1,23 @@
+"""Data: documents -> byte-level BPE -> memory-mapped token shards -> batches.
+
+`prepare_dataset` builds a dataset directory once; `BatchLoader` / `iter_eval_batches` read it.
+"""
+
+from ppmoe.data.loader import BatchLoader, TokenStream, iter_eval_batches, read_meta
+from ppmoe.data.prepare import prepare_dataset
+from ppmoe.data.sources import describe_source, iter_documents
+from ppmoe.data.tokenizer import EOS_TOKEN, eos_id, load_tokenizer, train_bpe
+
+__all__ = [
+    "BatchLoader",
+    "EOS_TOKEN",
+    "TokenStream",
+    "describe_source",
+    "eos_id",
+    "iter_documents",
+    "iter_eval_batches",
+    "load_tokenizer",
+    "prepare_dataset",
+    "read_meta",
+    "train_bpe",
+]
