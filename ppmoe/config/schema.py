@@ -43,6 +43,45 @@ class ModelConfig:
 
 
 @dataclass
+class MoEConfig:
+    """Mixture-of-Experts feed-forward layers (num_experts: 0 keeps the model dense)."""
+
+    num_experts: int = 0
+    """Experts per MoE layer; 0 means a dense model."""
+    top_k: int = 1
+    """Experts each token is sent to."""
+    every: int = 1
+    """Put an MoE FFN in every this many layers (layers every-1, 2*every-1, ...); 1 = all layers."""
+    expert_hidden: Optional[int] = None
+    """SwiGLU hidden size of each expert; null means the dense model's ffn_hidden."""
+    shared_expert_hidden: int = 0
+    """Hidden size of a shared expert every token also goes through; 0 means none."""
+    normalize_topk: bool = True
+    """Renormalise the top-k gate weights to sum to 1 (only matters for top_k > 1)."""
+    jitter: float = 0.0
+    """Multiplicative uniform noise on the router input during training (Switch: 0.01); 0 disables."""
+    capacity_factor: Optional[float] = None
+    """Each expert takes at most capacity_factor * tokens * top_k / num_experts assignments and drops
+    the rest (first choices served first); null means dropless."""
+    aux_loss_coef: float = 0.01
+    """Coefficient of the load-balancing loss (Switch form, E * sum_e f_e * P_e)."""
+    z_loss_coef: float = 0.001
+    """Coefficient of the router z-loss (mean squared logsumexp of the router logits)."""
+    dispatcher: Literal["pipeline", "alltoall", "local"] = "pipeline"
+    """'pipeline': Pipeline-MoE, experts split over the TP group, one all-reduce; 'local': every rank
+    holds every expert, no communication (the reference); 'alltoall': classic expert parallelism over
+    moe.ep data-parallel ranks (module-level baseline; training with it is not supported yet)."""
+    ep: int = 1
+    """Expert-parallel size for the 'alltoall' dispatcher."""
+    expert_kernel: Literal["padded_bmm", "loop"] = "padded_bmm"
+    """How a rank runs its experts: 'padded_bmm' (batched over experts) or 'loop' (one per expert)."""
+    imbalance_warn_ratio: float = 4.0
+    """Warn when the busiest expert of a layer gets more than this many times the mean load..."""
+    imbalance_warn_steps: int = 100
+    """...for this many consecutive steps."""
+
+
+@dataclass
 class ParallelConfig:
     """How the world is split: world_size = tp * pp * dp."""
 
@@ -168,6 +207,7 @@ class ExperimentConfig:
     output_dir: str = "runs/default"
     """Run directory: resolved config, metrics.jsonl, checkpoints."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)

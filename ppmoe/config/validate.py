@@ -84,6 +84,28 @@ def check_model_split(cfg: ExperimentConfig) -> None:
         )
 
 
+def check_moe(cfg: ExperimentConfig) -> None:
+    moe, tp = cfg.moe, cfg.parallel.tp
+    if moe.num_experts == 0:
+        return
+    if moe.num_experts < 0:
+        raise ConfigError(f"moe.num_experts must be >= 0, got {moe.num_experts}")
+    if not 1 <= moe.top_k <= moe.num_experts:
+        raise ConfigError(f"moe.top_k={moe.top_k} must be between 1 and moe.num_experts={moe.num_experts}")
+    if not 1 <= moe.every <= cfg.model.n_layers:
+        raise ConfigError(f"moe.every={moe.every} must be between 1 and model.n_layers={cfg.model.n_layers}")
+    if moe.capacity_factor is not None and moe.capacity_factor <= 0:
+        raise ConfigError(f"moe.capacity_factor must be > 0 or null (dropless), got {moe.capacity_factor}")
+    if moe.dispatcher == "pipeline" and moe.num_experts % tp:
+        raise ConfigError(f"moe.num_experts={moe.num_experts} is not divisible by parallel.tp={tp}: "
+                          f"Pipeline-MoE gives each TP rank whole experts")
+    if moe.shared_expert_hidden % tp:
+        raise ConfigError(f"moe.shared_expert_hidden={moe.shared_expert_hidden} is not divisible by parallel.tp={tp}")
+    if moe.dispatcher == "alltoall":
+        raise ConfigError("moe.dispatcher=alltoall is the module-level baseline (benchmarks/moe_dispatch.py); "
+                          "training with it is not supported yet: use 'pipeline' or 'local'")
+
+
 def validate(cfg: ExperimentConfig, world_size: int) -> int:
     """Check the whole config for a run on `world_size` processes; returns the data-parallel size."""
     check_positive(cfg)
@@ -91,6 +113,7 @@ def validate(cfg: ExperimentConfig, world_size: int) -> int:
         raise ConfigError("parallel.pp > 1: pipeline parallelism is not implemented yet; set parallel.pp: 1")
     dp = resolve_dp(cfg, world_size)
     check_model_split(cfg)
+    check_moe(cfg)
     t = cfg.train
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError(

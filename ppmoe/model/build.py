@@ -5,7 +5,21 @@ from __future__ import annotations
 import torch
 
 from ..config import ExperimentConfig, derived_ffn_hidden, padded_vocab_size
+from ..moe.layer import MoEShape
 from .gpt import GPT, GPTShape
+
+
+def moe_shape(cfg: ExperimentConfig) -> MoEShape | None:
+    moe = cfg.moe
+    if moe.num_experts == 0:
+        return None
+    return MoEShape(
+        num_experts=moe.num_experts, top_k=moe.top_k, every=moe.every,
+        expert_hidden=moe.expert_hidden or derived_ffn_hidden(cfg.model),
+        shared_expert_hidden=moe.shared_expert_hidden, normalize_topk=moe.normalize_topk, jitter=moe.jitter,
+        capacity_factor=moe.capacity_factor, aux_loss_coef=moe.aux_loss_coef, z_loss_coef=moe.z_loss_coef,
+        expert_kernel=moe.expert_kernel,
+    )
 
 
 def model_shape(cfg: ExperimentConfig, vocab_size: int | None = None) -> GPTShape:
@@ -18,7 +32,7 @@ def model_shape(cfg: ExperimentConfig, vocab_size: int | None = None) -> GPTShap
         n_layers=m.n_layers, d_model=m.d_model, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads or m.n_heads,
         ffn_hidden=derived_ffn_hidden(m), vocab_size=padded_vocab_size(vocab, m.vocab_multiple),
         max_seq_len=cfg.train.seq_len, rope_theta=m.rope_theta, norm_eps=m.norm_eps,
-        tie_embeddings=m.tie_embeddings, init_std=m.init_std,
+        tie_embeddings=m.tie_embeddings, init_std=m.init_std, moe=moe_shape(cfg),
     )
 
 

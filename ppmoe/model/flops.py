@@ -11,11 +11,19 @@ KNOWN_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e
 
 
 def matmul_params(shape: GPTShape) -> int:
-    """Parameters that take part in a matmul per token (everything but the embedding lookup and norms)."""
+    """Parameters that take part in a matmul per token (everything but the embedding lookup and norms);
+    for MoE layers the active ones: router, top_k experts and the shared expert."""
     head_dim = shape.d_model // shape.n_heads
     attn = shape.d_model * head_dim * (2 * shape.n_heads + 2 * shape.n_kv_heads)
-    ffn = 3 * shape.d_model * shape.ffn_hidden
-    return shape.n_layers * (attn + ffn) + shape.d_model * shape.vocab_size
+    total = shape.d_model * shape.vocab_size
+    for index in range(shape.n_layers):
+        if shape.is_moe_layer(index):
+            moe = shape.moe
+            ffn = shape.d_model * (moe.num_experts + 3 * (moe.top_k * moe.expert_hidden + moe.shared_expert_hidden))
+        else:
+            ffn = 3 * shape.d_model * shape.ffn_hidden
+        total += attn + ffn
+    return total
 
 
 def training_flops_per_token(shape: GPTShape, seq_len: int) -> float:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ..moe.layer import MoEFeedForward, MoEShape
 from .layers import Block, RMSNorm, SwiGLU, rotary_tables
 
 
@@ -26,6 +27,18 @@ class GPTShape:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
+    moe: MoEShape | None = None
+
+    def is_moe_layer(self, index: int) -> bool:
+        """MoE FFN in layers every-1, 2*every-1, ... (all layers when every == 1)."""
+        return self.moe is not None and index % self.moe.every == self.moe.every - 1
+
+
+def build_ffn(shape: GPTShape, index: int) -> nn.Module:
+    """The feed-forward block of layer `index`: dense SwiGLU or an MoE layer."""
+    if shape.is_moe_layer(index):
+        return MoEFeedForward(shape.d_model, shape.moe, jitter_seed=index)
+    return SwiGLU(shape.d_model, shape.ffn_hidden)
 
 
 class GPT(nn.Module):
@@ -41,8 +54,7 @@ class GPT(nn.Module):
         self.shape = shape
         self.tok_embeddings = nn.Embedding(shape.vocab_size, shape.d_model)
         self.layers = nn.ModuleDict({
-            str(i): Block(shape.d_model, shape.n_heads, shape.n_kv_heads,
-                          SwiGLU(shape.d_model, shape.ffn_hidden), shape.norm_eps)
+            str(i): Block(shape.d_model, shape.n_heads, shape.n_kv_heads, build_ffn(shape, i), shape.norm_eps)
             for i in range(shape.n_layers)
         })
         self.norm = RMSNorm(shape.d_model, shape.norm_eps)
@@ -61,7 +73,7 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if p.dim() == 1:
                 nn.init.ones_(p)
-            elif name.endswith(("wo.weight", "w2.weight")):
+            elif name.endswith(("wo.weight", "w2.weight", "experts.w2")):
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.shape.n_layers))
             else:
                 nn.init.normal_(p, 0.0, std)

@@ -15,23 +15,32 @@ from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from ..model.gpt import GPT
+from ..moe.layer import MoEFeedForward
+from .expert_parallel import MOE_STYLES
 
 
-def block_plan() -> dict:
-    return {
+def swiglu_plan(prefix: str) -> dict:
+    return {f"{prefix}.w1": ColwiseParallel(), f"{prefix}.w3": ColwiseParallel(), f"{prefix}.w2": RowwiseParallel()}
+
+
+def block_plan(ffn) -> dict:
+    plan = {
         "attention.wq": ColwiseParallel(),
         "attention.wk": ColwiseParallel(),
         "attention.wv": ColwiseParallel(),
         "attention.wo": RowwiseParallel(),
-        "feed_forward.w1": ColwiseParallel(),
-        "feed_forward.w3": ColwiseParallel(),
-        "feed_forward.w2": RowwiseParallel(),
     }
+    if not isinstance(ffn, MoEFeedForward):
+        plan.update(swiglu_plan("feed_forward"))
+    elif ffn.shared_expert is not None:
+        plan.update(swiglu_plan("feed_forward.shared_expert"))
+    return plan
 
 
-def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh) -> None:
+def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh, moe_dispatcher: str = "pipeline") -> None:
     """Shard `model` in place over `tp_mesh` (a 1D mesh). Every rank must hold the same full weights
-    before the call (build_model with the same seed); each keeps its own slice."""
+    before the call (build_model with the same seed); each keeps its own slice. MoE layers are laid out
+    by `moe_dispatcher` (see expert_parallel.py)."""
     if tp_mesh.size() == 1:
         return
     tied = model.shape.tie_embeddings
@@ -42,7 +51,9 @@ def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh) -> None:
         plan["output"] = ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
     parallelize_module(model, tp_mesh, plan)
     for layer in model.layers.values():
-        parallelize_module(layer, tp_mesh, block_plan())
+        parallelize_module(layer, tp_mesh, block_plan(layer.feed_forward))
+        if isinstance(layer.feed_forward, MoEFeedForward):
+            MOE_STYLES[moe_dispatcher](layer.feed_forward, tp_mesh)
     if tied and model.tok_embeddings is not None and model.output is not None:
         # Both tables are sharded along the vocabulary (dim 0), so one DTensor serves both.
         model.output.weight = model.tok_embeddings.weight

@@ -26,6 +26,9 @@ def format_line(m: dict[str, Any], total_steps: int) -> str:
              f"grad {m['grad_norm']:.3f}", f"tok/s {m['tokens_per_sec']:,.0f}"]
     if m.get("mfu") is not None:
         parts.append(f"mfu {100 * m['mfu']:.1f}%")
+    if "aux_loss" in m:
+        parts.append(f"aux {m['aux_loss']:.3f} z {m['z_loss']:.4f} drop {100 * m['dropped_frac']:.1f}%")
+        parts.append("load max " + "/".join(f"{max(row) * len(row):.1f}x" for row in m["expert_load"]))
     parts.append(f"mem {m['memory_gib']:.2f}GiB")
     if "val_loss" in m:
         parts.append(f"val {m['val_loss']:.4f}")

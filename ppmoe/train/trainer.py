@@ -17,6 +17,7 @@ from ..parallel import (ParallelDims, Runtime, apply_data_parallel, apply_tensor
 from .checkpoint import CheckpointManager
 from .loss import build_loss
 from .metrics import MetricsLogger, peak_memory_gib
+from .moe_metrics import MoEMonitor, set_aux_loss_scale
 from .optim import build_optimizer, lr_at, set_lr
 from .signals import StopRequest
 from .step import autocast_factory, evaluate, forward_backward
@@ -52,7 +53,7 @@ class Trainer:
         meta = read_meta(cfg.data.dataset_dir)
         self.shape = model_shape(cfg, meta["vocab_size"])
         self.model = build_model(self.shape, cfg.train.seed, self.rt.device)
-        apply_tensor_parallel(self.model, self.tp_mesh)
+        apply_tensor_parallel(self.model, self.tp_mesh, cfg.moe.dispatcher)
         apply_data_parallel(self.model, self.dp_mesh, cfg.parallel.dp_type)
         self.optimizer = build_optimizer(self.model, cfg.train, self.rt.device)
         self.loss_fn = build_loss(self.dims.tp)
@@ -60,6 +61,9 @@ class Trainer:
 
         t = cfg.train
         self.local_batch = t.global_batch_size // dp
+        set_aux_loss_scale(self.model, t.micro_batch_size / self.local_batch)
+        self.moe = MoEMonitor(self.model, self.dp_mesh.get_group(), cfg.moe.imbalance_warn_ratio,
+                              cfg.moe.imbalance_warn_steps, lambda msg: self.metrics.info(msg))
         self.loader = BatchLoader(cfg.data.dataset_dir, "train", t.seq_len, t.global_batch_size,
                                   self.dp_mesh.get_local_rank(), dp, t.seed)
         self.tokens_per_step = t.global_batch_size * t.seq_len
@@ -134,7 +138,7 @@ class Trainer:
             f"{self.tokens_per_step:,} tokens/step | device {self.rt.device}"
         )
         stop = StopRequest()
-        run_start, window_tokens, window_time = time.perf_counter(), 0, 0.0
+        run_start, window_tokens, window_time, window_steps = time.perf_counter(), 0, 0.0, 0
         try:
             while self.step < t.steps:
                 step_start = time.perf_counter()
@@ -143,6 +147,7 @@ class Trainer:
                     torch.cuda.synchronize()
                 window_time += time.perf_counter() - step_start
                 window_tokens += self.tokens_per_step
+                window_steps += 1
                 last = self.step == t.steps
                 record = {}
                 if self.step % t.log_every == 0 or last:
@@ -154,13 +159,15 @@ class Trainer:
                                       if self.peak_flops else None),
                               "memory_gib": peak_memory_gib(self.rt.device),
                               "elapsed_s": time.perf_counter() - run_start}
+                    record.update(self.moe.collect(window_steps, self.rt.device))
                     result.losses[self.step] = record["loss"]
                     result.tokens_per_sec = tokens_per_sec
-                    window_tokens, window_time = 0, 0.0
+                    window_tokens, window_time, window_steps = 0, 0.0, 0
                 if t.val_every and (self.step % t.val_every == 0 or last):
                     record.setdefault("step", self.step)
                     record["val_loss"] = self.validation_loss()
                     result.val_losses[self.step] = record["val_loss"]
+                    self.moe.reset()  # validation's routing is not training load
                 if record:
                     self.metrics.log(record)
                 stopping = stop.agreed(self.rt.device)

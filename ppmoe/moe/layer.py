@@ -1,0 +1,85 @@
+"""The MoE feed-forward block: router -> dispatcher -> experts -> combine (+ optional shared expert)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..model.layers import SwiGLU
+from .aux_loss import attach_loss
+from .dispatch import LocalDispatcher
+from .experts import GroupedExperts
+from .router import Routing, TopKRouter
+
+
+@dataclass(frozen=True)
+class MoEShape:
+    """Resolved MoE sizes and router settings (see MoEConfig for their meaning)."""
+
+    num_experts: int
+    top_k: int = 1
+    every: int = 1
+    expert_hidden: int = 0
+    shared_expert_hidden: int = 0
+    normalize_topk: bool = True
+    jitter: float = 0.0
+    capacity_factor: float | None = None
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.001
+    expert_kernel: str = "padded_bmm"
+
+
+class MoEStats:
+    """Detached per-layer statistics, summed over the micro-batches since the last reset."""
+
+    def __init__(self, num_experts: int):
+        self.num_experts = num_experts
+        self.reset()
+
+    def reset(self) -> None:
+        self.calls = 0
+        self.aux_loss = 0.0
+        self.z_loss = 0.0
+        self.tokens_per_expert = torch.zeros(self.num_experts, dtype=torch.int64)
+        self.assignments = 0
+
+    def record(self, routing: Routing, aux_unscaled: torch.Tensor, z_unscaled: torch.Tensor) -> None:
+        # Tensors stay on the device (no sync per layer); the trainer reads them at log steps.
+        self.calls += 1
+        self.aux_loss = self.aux_loss + aux_unscaled
+        self.z_loss = self.z_loss + z_unscaled
+        self.tokens_per_expert = self.tokens_per_expert.to(routing.tokens_per_expert.device) + routing.tokens_per_expert
+        self.assignments += routing.expert_ids.numel()
+
+
+class MoEFeedForward(nn.Module):
+    """x [batch, seq, d_model] -> [batch, seq, d_model].
+
+    `dispatch` is the token dispatcher (LocalDispatcher until a parallel style replaces it);
+    `loss_scale` is set by the trainer to 1 / micro-batches per step.
+    """
+
+    def __init__(self, d_model: int, shape: MoEShape, jitter_seed: int = 0):
+        super().__init__()
+        self.router = TopKRouter(d_model, shape.num_experts, shape.top_k, normalize_topk=shape.normalize_topk,
+                                 jitter=shape.jitter, capacity_factor=shape.capacity_factor,
+                                 aux_loss_coef=shape.aux_loss_coef, z_loss_coef=shape.z_loss_coef,
+                                 jitter_seed=jitter_seed)
+        self.experts = GroupedExperts(shape.num_experts, d_model, shape.expert_hidden, shape.expert_kernel)
+        self.shared_expert = SwiGLU(d_model, shape.shared_expert_hidden) if shape.shared_expert_hidden else None
+        self.dispatch = LocalDispatcher()
+        self.loss_scale = 1.0
+        self.stats = MoEStats(shape.num_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        routing = self.router(flat)
+        y = self.dispatch(flat, routing, self.experts)
+        if self.shared_expert is not None:
+            y = y + self.shared_expert(flat)
+        self.stats.record(routing, routing.aux_loss.detach(), routing.z_loss.detach())
+        if self.training:
+            y = attach_loss(y, (routing.aux_loss + routing.z_loss) * self.loss_scale)
+        return y.view(x.shape)
