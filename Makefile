@@ -1,11 +1,13 @@
-# The two commands of the README: `make demo` (pretrain a small GPT on Shakespeare) and `make test`.
+# The two commands of the README: `make demo` (pretrain a small Pipeline-MoE GPT on Shakespeare with
+# tensor parallelism over 2 processes) and `make test`.
 # Each creates .venv and installs what it needs on first use.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch this project is tested with; use your CUDA build on GPU machines.
 TORCH ?= torch==2.13.0
-NPROC ?= 1
+DEMO_CONFIG ?= configs/tiny_moe_cpu.yaml
+NPROC ?= 2
 # Threads per rank: the 2 cores of a small machine go to one rank, or one each.
 THREADS ?= $(if $(filter 1,$(NPROC)),2,1)
 
@@ -21,9 +23,9 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 demo: venv
-	OMP_NUM_THREADS=2 $(PY) -m ppmoe prepare configs/tiny_cpu.yaml
+	OMP_NUM_THREADS=2 $(PY) -m ppmoe prepare $(DEMO_CONFIG)
 	OMP_NUM_THREADS=$(THREADS) $(PY) -m torch.distributed.run --standalone \
-		--nproc-per-node $(NPROC) -m ppmoe train configs/tiny_cpu.yaml
+		--nproc-per-node $(NPROC) -m ppmoe train $(DEMO_CONFIG)
 
 test: venv
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
