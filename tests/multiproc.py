@@ -6,6 +6,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import pickle
+import queue as queue_module
 import socket
 import traceback
 
@@ -44,7 +45,12 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 300.0) -> list:
     results, errors = {}, []
     try:
         for _ in procs:
-            rank, status, payload = queue.get(timeout=timeout)
+            try:
+                rank, status, payload = queue.get(timeout=timeout)
+            except queue_module.Empty:
+                missing = sorted(set(range(world_size)) - set(results))
+                errors.append(f"ranks {missing} did not finish within {timeout:.0f} s (hung in a collective?)")
+                break
             if status == "ok":
                 results[rank] = pickle.loads(payload)
             else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..config import ExperimentConfig, derived_ffn_hidden, padded_vocab_size
-from ..moe.layer import MoEShape
+from ..moe.shape import MoEShape
 from .gpt import GPT, GPTShape
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..moe.layer import MoEFeedForward, MoEShape
+from ..moe.shape import MoEShape
 from .layers import Block, RMSNorm, SwiGLU, rotary_tables
 
 
@@ -37,6 +37,8 @@ class GPTShape:
 def build_ffn(shape: GPTShape, index: int) -> nn.Module:
     """The feed-forward block of layer `index`: dense SwiGLU or an MoE layer."""
     if shape.is_moe_layer(index):
+        from ..moe.layer import MoEFeedForward  # here, not at the top: ppmoe.moe imports model.layers
+
         return MoEFeedForward(shape.d_model, shape.moe, jitter_seed=index)
     return SwiGLU(shape.d_model, shape.ffn_hidden)
 
