@@ -255,7 +255,7 @@ class DSWrap(nn.Module):
 
 
 def build_ffn(variant: str, a, group, rank: int, size: int) -> nn.Module:
-    import ppmoe.model  # noqa: F401  -- first: `import ppmoe.moe` alone hits a circular import (see report)
+    import ppmoe.model  # noqa: F401  -- first: before fd4c55e `import ppmoe.moe` alone hit an import cycle
     from ppmoe.moe import MoEFeedForward, MoEShape
 
     shape = MoEShape(num_experts=a.experts, top_k=a.top_k, expert_hidden=a.expert_hidden,
