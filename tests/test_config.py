@@ -469,3 +469,12 @@ def test_falsy_non_mapping_section_is_rejected(override):
 def test_val_batches_and_warmup_are_checked():
     assert "train.val_batches" in validation_error(cfg_with("train.val_batches=0"), 1)
     assert "train.warmup_steps" in validation_error(cfg_with("train.warmup_steps=500", "train.steps=100"), 1)
+
+
+def test_alltoall_training_layout_is_checked():
+    moe = ["moe.num_experts=4", "moe.dispatcher=alltoall"]
+    assert "parallel.tp=1" in validation_error(cfg_with(*moe, "parallel.tp=2"), 2)
+    assert "moe.ep=4" in validation_error(cfg_with(*moe, "moe.ep=4"), 2)
+    assert "not divisible by the expert-parallel size" in validation_error(cfg_with(*moe), 8)
+    from ppmoe.config import validate
+    assert validate(cfg_with(*moe), 2) == 2  # ep derived from dp

@@ -105,6 +105,9 @@ MOE_LAYOUTS = {
     # Same micro-batches as the reference (the load-balancing loss is a statistic of each micro-batch,
     # so only its scale, not its value, can be independent of the micro-batch size).
     "moe_dp2_ddp": (2, ["parallel.dp_type=ddp"]),
+    # The all-to-all baseline: experts spread over the DP ranks (owned, not reduced by DP).
+    "moe_alltoall_dp2_fsdp": (2, ["moe.dispatcher=alltoall"]),
+    "moe_alltoall_dp4_ddp": (4, ["moe.dispatcher=alltoall", "parallel.dp_type=ddp", "train.micro_batch_size=2"]),
 }
 
 

@@ -69,10 +69,12 @@ class MoEConfig:
     """Coefficient of the router z-loss (mean squared logsumexp of the router logits)."""
     dispatcher: Literal["pipeline", "alltoall", "local"] = "pipeline"
     """'pipeline': Pipeline-MoE, experts split over the TP group, one all-reduce; 'local': every rank
-    holds every expert, no communication (the reference); 'alltoall': classic expert parallelism over
-    moe.ep data-parallel ranks (module-level baseline; training with it is not supported yet)."""
-    ep: int = 1
-    """Expert-parallel size for the 'alltoall' dispatcher."""
+    holds every expert, no communication (the reference); 'alltoall': classic expert parallelism, the
+    experts spread over the data-parallel ranks and reached by two all-to-alls (the DPMoE baseline;
+    needs parallel.tp = 1)."""
+    ep: Optional[int] = None
+    """Expert-parallel size for the 'alltoall' dispatcher; null means the data-parallel size (the only
+    value supported so far)."""
     expert_kernel: Literal["padded_bmm", "loop"] = "padded_bmm"
     """How a rank runs its experts: 'padded_bmm' (batched over experts) or 'loop' (one per expert)."""
     imbalance_warn_ratio: float = 4.0

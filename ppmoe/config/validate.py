@@ -101,9 +101,23 @@ def check_moe(cfg: ExperimentConfig) -> None:
                           f"Pipeline-MoE gives each TP rank whole experts")
     if moe.shared_expert_hidden % tp:
         raise ConfigError(f"moe.shared_expert_hidden={moe.shared_expert_hidden} is not divisible by parallel.tp={tp}")
-    if moe.dispatcher == "alltoall":
-        raise ConfigError("moe.dispatcher=alltoall is the module-level baseline (benchmarks/moe_dispatch.py); "
-                          "training with it is not supported yet: use 'pipeline' or 'local'")
+
+
+def check_alltoall(cfg: ExperimentConfig, dp: int) -> None:
+    """The all-to-all baseline spreads experts over all data-parallel ranks (ep = dp) at TP=1, as
+    DeepSpeed-MoE's DPMoE does."""
+    moe = cfg.moe
+    if moe.num_experts == 0 or moe.dispatcher != "alltoall":
+        return
+    if cfg.parallel.tp != 1:
+        raise ConfigError("moe.dispatcher=alltoall runs at parallel.tp=1 (experts over the data-parallel "
+                          "ranks); with tensor parallelism use moe.dispatcher=pipeline")
+    if moe.ep is not None and moe.ep != dp:
+        raise ConfigError(f"moe.ep={moe.ep} must equal the data-parallel size {dp} (or be null): experts are "
+                          f"spread over all data-parallel ranks")
+    if moe.num_experts % dp:
+        raise ConfigError(f"moe.num_experts={moe.num_experts} is not divisible by the expert-parallel size "
+                          f"(= data-parallel size) {dp}")
 
 
 def validate(cfg: ExperimentConfig, world_size: int) -> int:
@@ -114,6 +128,7 @@ def validate(cfg: ExperimentConfig, world_size: int) -> int:
     dp = resolve_dp(cfg, world_size)
     check_model_split(cfg)
     check_moe(cfg)
+    check_alltoall(cfg, dp)
     t = cfg.train
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError(

@@ -2,6 +2,7 @@
 
 copy_to_group:     forward identity,   backward all-reduce (sum)   -- enters a region where each rank
                                                                     computes a part of the result
+copy_many_to_group: the same for several tensors, one all-reduce for all their gradients
 reduce_from_group: forward all-reduce, backward identity           -- leaves that region
 all_to_all:        forward all-to-all with split sizes, backward the reverse all-to-all
 """
@@ -25,11 +26,34 @@ class _CopyToGroup(torch.autograd.Function):
         return grad, None
 
 
+class _CopyManyToGroup(torch.autograd.Function):
+    """copy_to_group for several tensors whose gradients are all-reduced together in ONE collective."""
+
+    @staticmethod
+    def forward(ctx, group, *tensors):
+        ctx.group = group
+        ctx.shapes = [t.shape for t in tensors]
+        return tensors if len(tensors) > 1 else tensors[0]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        dist.all_reduce(flat, group=ctx.group)
+        out, offset = [], 0
+        for g, shape in zip(grads, ctx.shapes):
+            n = g.numel()
+            out.append(flat[offset:offset + n].view(shape).to(g.dtype))
+            offset += n
+        return (None, *out)
+
+
 class _ReduceFromGroup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
-        x = x.contiguous().clone()
+        # The partial sum is a fresh tensor only this op uses: reduce it in place, no copy.
+        x = x.contiguous()
         dist.all_reduce(x, group=group)
+        ctx.mark_dirty(x)
         return x
 
     @staticmethod
@@ -54,6 +78,12 @@ class _AllToAll(torch.autograd.Function):
 
 def copy_to_group(x: torch.Tensor, group) -> torch.Tensor:
     return _CopyToGroup.apply(x, group)
+
+
+def copy_many_to_group(tensors: tuple[torch.Tensor, ...], group) -> tuple[torch.Tensor, ...]:
+    """copy_to_group of each tensor, with their gradients reduced in a single all-reduce."""
+    out = _CopyManyToGroup.apply(group, *tensors)
+    return out if isinstance(out, tuple) else (out,)
 
 
 def reduce_from_group(x: torch.Tensor, group) -> torch.Tensor:

@@ -19,25 +19,28 @@ from torch.distributed.fsdp import fully_shard
 from ..model.gpt import GPT
 
 
-def apply_fsdp(model: GPT, dp_mesh: DeviceMesh) -> None:
+def apply_fsdp(model: GPT, dp_mesh: DeviceMesh, ignored: set[nn.Parameter]) -> None:
     for layer in model.layers.values():
-        fully_shard(layer, mesh=dp_mesh)
-    fully_shard(model, mesh=dp_mesh)
+        fully_shard(layer, mesh=dp_mesh, ignored_params=ignored or None)
+    fully_shard(model, mesh=dp_mesh, ignored_params=ignored or None)
 
 
-def apply_ddp(model: GPT, dp_mesh: DeviceMesh) -> None:
+def apply_ddp(model: GPT, dp_mesh: DeviceMesh, ignored: set[nn.Parameter]) -> None:
     from torch.distributed._composable.replicate_with_fsdp import replicate
 
-    replicate(model, mesh=dp_mesh)
+    replicate(model, mesh=dp_mesh, ignored_params=ignored or None)
 
 
-DATA_PARALLEL: dict[str, Callable[[GPT, DeviceMesh], None]] = {"fsdp": apply_fsdp, "ddp": apply_ddp}
+DATA_PARALLEL: dict[str, Callable[[GPT, DeviceMesh, set[nn.Parameter]], None]] = {
+    "fsdp": apply_fsdp, "ddp": apply_ddp}
 
 
-def apply_data_parallel(model: GPT, dp_mesh: DeviceMesh, dp_type: str) -> None:
-    """Wrap `model` in place. With one data-parallel rank nothing is wrapped."""
+def apply_data_parallel(model: GPT, dp_mesh: DeviceMesh, dp_type: str, ignored: set[nn.Parameter] = frozenset()
+                        ) -> None:
+    """Wrap `model` in place; `ignored` parameters (experts owned by one DP rank) are neither sharded nor
+    reduced. With one data-parallel rank nothing is wrapped."""
     if dp_mesh.size() > 1:
-        DATA_PARALLEL[dp_type](model, dp_mesh)
+        DATA_PARALLEL[dp_type](model, dp_mesh, set(ignored))
 
 
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:

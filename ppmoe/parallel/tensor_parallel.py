@@ -16,7 +16,6 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 
 from ..model.gpt import GPT
 from ..moe.layer import MoEFeedForward
-from .expert_parallel import MOE_STYLES
 
 
 def swiglu_plan(prefix: str) -> dict:
@@ -37,10 +36,10 @@ def block_plan(ffn) -> dict:
     return plan
 
 
-def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh, moe_dispatcher: str = "pipeline") -> None:
+def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh) -> None:
     """Shard `model` in place over `tp_mesh` (a 1D mesh). Every rank must hold the same full weights
-    before the call (build_model with the same seed); each keeps its own slice. MoE layers are laid out
-    by `moe_dispatcher` (see expert_parallel.py)."""
+    before the call (build_model with the same seed); each keeps its own slice. The experts of MoE
+    layers are laid out separately (expert_parallel.py); their shared expert is split like a dense FFN."""
     if tp_mesh.size() == 1:
         return
     tied = model.shape.tie_embeddings
@@ -52,8 +51,6 @@ def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh, moe_dispatcher: str =
     parallelize_module(model, tp_mesh, plan)
     for layer in model.layers.values():
         parallelize_module(layer, tp_mesh, block_plan(layer.feed_forward))
-        if isinstance(layer.feed_forward, MoEFeedForward):
-            MOE_STYLES[moe_dispatcher](layer.feed_forward, tp_mesh)
     if tied and model.tok_embeddings is not None and model.output is not None:
         # Both tables are sharded along the vocabulary (dim 0), so one DTensor serves both.
         model.output.weight = model.tok_embeddings.weight

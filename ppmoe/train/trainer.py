@@ -12,7 +12,8 @@ import torch.distributed as dist
 from ..config import ExperimentConfig, save_config, validate
 from ..data import BatchLoader, iter_eval_batches, read_meta
 from ..model import build_model, model_shape, peak_flops_per_device, training_flops_per_token
-from ..parallel import (ParallelDims, Runtime, apply_data_parallel, apply_tensor_parallel, clip_grad_norm,
+from ..parallel import (ParallelDims, Runtime, apply_data_parallel, apply_expert_layout, apply_tensor_parallel,
+                        clip_grad_norm,
                         init_distributed)
 from .checkpoint import CheckpointManager
 from .loss import build_loss
@@ -53,8 +54,9 @@ class Trainer:
         meta = read_meta(cfg.data.dataset_dir)
         self.shape = model_shape(cfg, meta["vocab_size"])
         self.model = build_model(self.shape, cfg.train.seed, self.rt.device)
-        apply_tensor_parallel(self.model, self.tp_mesh, cfg.moe.dispatcher)
-        apply_data_parallel(self.model, self.dp_mesh, cfg.parallel.dp_type)
+        apply_tensor_parallel(self.model, self.tp_mesh)
+        dp_owned = apply_expert_layout(self.model, self.mesh, cfg.moe.dispatcher)
+        apply_data_parallel(self.model, self.dp_mesh, cfg.parallel.dp_type, dp_owned)
         self.optimizer = build_optimizer(self.model, cfg.train, self.rt.device)
         self.loss_fn = build_loss(self.dims.tp)
         self.autocast = autocast_factory(self.rt.device, cfg.train.dtype)

@@ -7,8 +7,8 @@ computes the same routing. Rank r owns experts [r*E/T, (r+1)*E/T):
   3. scale by the gate weights and scatter into a zero [T, d] tensor,
   4. one all-reduce (sum) over the TP group combines the partial outputs.
 Backward mirrors Megatron's copy/reduce pair: the all-reduce's backward is the identity; the expert
-inputs and gate weights enter through copy_to_group, whose backward all-reduces their gradients (each
-rank only sees the gradient through its own experts). The router's own aux losses are computed
+inputs and gate weights enter through copy_many_to_group, whose backward all-reduces their gradients
+(each rank only sees the gradient through its own experts) in one collective of T x (d + k) values. The router's own aux losses are computed
 identically on every rank and need no reduction. No all-to-all anywhere; the one all-reduce has the
 size (T x d) a dense row-parallel FFN already pays.
 """
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..comm import copy_to_group, reduce_from_group
+from ..comm import copy_many_to_group, reduce_from_group
 from ..experts import GroupedExperts
 from ..permute import combine, sort_by_expert
 from ..router import Routing
@@ -36,8 +36,8 @@ class PipelineDispatcher:
 
     def __call__(self, x: torch.Tensor, routing: Routing, experts: GroupedExperts) -> torch.Tensor:
         """x: [T, d], replicated over the TP group -> [T, d], replicated."""
-        x = copy_to_group(x, self.group)
-        weights = copy_to_group(routing.weights, self.group)
+        # One backward all-reduce for both the input and the gate-weight gradients.
+        x, weights = copy_many_to_group((x, routing.weights), self.group)
         token_index, slot, counts = sort_by_expert(routing.expert_ids, routing.keep, self.first,
                                                    self.first + self.per_rank)
         y = experts(x[token_index], counts)
