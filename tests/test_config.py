@@ -168,7 +168,7 @@ def test_unknown_key_without_close_match_has_no_suggestion(tmp_path):
     msg = config_error(write_yaml(tmp_path, {"parallel": {"zzzzzz": 1}}))
     assert "'parallel.zzzzzz'" in msg
     assert "Did you mean" not in msg
-    assert "dp, dp_type, pp, tp" in msg
+    assert "dp, dp_type, pp, pp_layers, pp_schedule, pp_virtual_stages, tp" in msg
 
 
 def test_unknown_section(tmp_path):
@@ -295,9 +295,19 @@ def test_global_batch_not_divisible_by_micro_times_dp():
     assert validate(cfg_with("train.global_batch_size=16", "train.micro_batch_size=4"), 4) == 4
 
 
-def test_pp_greater_than_one_is_rejected():
-    msg = validation_error(cfg_with("parallel.pp=2"), 2)
-    assert "parallel.pp" in msg and "not implemented" in msg
+def test_pipeline_settings_are_checked():
+    base = ["model.n_layers=4", "train.global_batch_size=8", "train.micro_batch_size=2"]
+    assert validate(cfg_with(*base, "parallel.pp=2"), 2) == 1
+    assert "needs parallel.pp_virtual_stages >= 2" in validation_error(
+        cfg_with(*base, "parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b"), 2)
+    assert "runs one stage per rank" in validation_error(cfg_with(*base, "parallel.pp=2", "parallel.pp_virtual_stages=2"), 2)
+    assert "fewer than the 8 pipeline stages" in validation_error(
+        cfg_with(*base, "parallel.pp=4", "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual_stages=2"), 4)
+    assert "parallel.pp_layers=[3, 2]" in validation_error(cfg_with(*base, "parallel.pp=2", "parallel.pp_layers=[3,2]"), 2)
+    assert "tie_embeddings" in validation_error(cfg_with(*base, "parallel.pp=2", "model.tie_embeddings=true"), 2)
+    # 8 / (4 * 1) = 2 micro-batches cannot fill 4 stages
+    assert "2 micro-batches" in validation_error(cfg_with(*base, "train.micro_batch_size=4", "parallel.pp=4"), 4)
+    assert "pp_virtual_stages / pp_layers only apply" in validation_error(cfg_with("parallel.pp_layers=[2]"), 1)
 
 
 @pytest.mark.parametrize("override, key", [

@@ -73,6 +73,7 @@ def run_module(m, x, r):
     xx = x.clone().requires_grad_()
     y = m(xx)
     (y * r).sum().backward()
+    m.stats.commit()  # fold the pending per-forward record into the totals
     s = m.stats
     return dict(y=y.detach(), xgrad=xx.grad, aux=s.aux_loss.clone(), z=s.z_loss.clone(),
                 tokens_per_expert=s.tokens_per_expert.clone(), assignments=s.assignments)

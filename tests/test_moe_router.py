@@ -244,6 +244,7 @@ def test_layer_attaches_scaled_aux_loss_in_training_only():
             loss = loss + 0.25 * (r.aux_loss + r.z_loss)
         loss.backward()
         r = m.router(x.reshape(-1, 8))
+        m.stats.commit()
         assert close(m.stats.aux_loss, r.aux_loss, 1e-6) and close(m.stats.z_loss, r.z_loss, 1e-6)
         return m.router.gate.weight.grad
 

@@ -56,6 +56,26 @@ def train_and_report(dataset_dir, output_dir, overrides):
             "grads": grads, "result_losses": result.losses}
 
 
+def train_and_report_all_ranks(dataset_dir, output_dir, overrides):
+    """Rank 0's report (losses, norms) plus every rank's own gradients, keyed by parameter name; with
+    pipelining each rank holds a different part of the model. Ranks of one TP/DP group gather the same
+    full gradients, so the union is the whole model's."""
+    import torch.distributed as dist
+
+    trainer = Trainer(tiny_config(dataset_dir, output_dir, overrides))
+    trainer.fit()
+    grads = full_grads(trainer.model)
+    if dist.get_rank() != 0:
+        return grads
+    from ppmoe.train.metrics import read_metrics
+
+    metrics = read_metrics(f"{output_dir}/metrics.jsonl")
+    return {**grads, "losses": [metrics[s]["loss"] for s in range(1, STEPS + 1)],
+            "grad_norms": [metrics[s]["grad_norm"] for s in range(1, STEPS + 1)],
+            "moe": [metrics[s].get("aux_loss") for s in range(1, STEPS + 1)]
+            + [metrics[s].get("z_loss") for s in range(1, STEPS + 1)]}
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference")
@@ -139,3 +159,46 @@ def test_tied_embeddings_under_tp(reference, tiny_dataset, tmp_path):
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=0)
     g_ref, g_tp = ref["grads"]["tok_embeddings.weight"], got["grads"]["tok_embeddings.weight"]
     torch.testing.assert_close(g_tp, g_ref, rtol=0, atol=GRAD_TOL * g_ref.abs().max().item())
+
+
+# ---- pipeline parallelism: 4 layers so that 4 stages have one layer each -------------------------------
+PP_BASE = ["model.n_layers=4"]
+PP_LAYOUTS = {
+    "pp2_1f1b": (2, ["parallel.pp=2"]),
+    "pp2_gpipe": (2, ["parallel.pp=2", "parallel.pp_schedule=gpipe"]),
+    "pp4_1f1b": (4, ["parallel.pp=4"]),
+    "pp2_explicit_layers": (2, ["parallel.pp=2", "parallel.pp_layers=[3,1]"]),
+    "pp2_interleaved": (2, ["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b",
+                            "parallel.pp_virtual_stages=2"]),
+    "moe_pp2_1f1b": (2, [*MOE, "parallel.pp=2"]),
+    "moe_tp2_pp2_dp2": (8, [*MOE, "parallel.tp=2", "parallel.pp=2"]),
+}
+
+
+@pytest.fixture(scope="module")
+def pp_references(tiny_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pp_reference")
+    return {"dense": run_ranks(train_and_report, 1, tiny_dataset, str(out / "dense"), PP_BASE)[0],
+            "moe": run_ranks(train_and_report, 1, tiny_dataset, str(out / "moe"), [*PP_BASE, *MOE])[0]}
+
+
+@pytest.mark.parametrize("layout", sorted(PP_LAYOUTS))
+def test_pipeline_layout_matches_single_process(layout, pp_references, tiny_dataset, tmp_path):
+    """Pipeline stages (1F1B, GPipe, interleaved 1F1B; with TP, DP and Pipeline-MoE inside): same losses,
+    grad norms, gradients and MoE aux losses as one process. Every rank holds only its stages'
+    parameters; together they cover the model exactly once."""
+    world, overrides = PP_LAYOUTS[layout]
+    ref = pp_references["moe" if layout.startswith("moe") else "dense"]
+    per_rank = run_ranks(train_and_report_all_ranks, world, tiny_dataset, str(tmp_path), [*PP_BASE, *overrides])
+    got = per_rank[0]  # rank 0 logs
+    grads = {}
+    for rank_grads in per_rank:
+        grads.update({k: v for k, v in rank_grads.items() if k not in ("losses", "grad_norms", "moe")})
+    assert sorted(grads) == sorted(ref["grads"])
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.tensor(got["grad_norms"]), torch.tensor(ref["grad_norms"]), rtol=1e-5, atol=0)
+    for name, g in ref["grads"].items():
+        torch.testing.assert_close(grads[name], g, rtol=0, atol=GRAD_TOL * g.abs().max().item(),
+                                   msg=lambda m: f"{layout} gradient of {name}: {m}")
+    if layout.startswith("moe"):
+        assert got["moe"] == pytest.approx(ref["moe"], rel=1e-5)

@@ -90,7 +90,14 @@ class ParallelConfig:
     tp: int = 1
     """Tensor-parallel size (ranks that split each layer's weights)."""
     pp: int = 1
-    """Pipeline-parallel size (stages). Only 1 is supported so far."""
+    """Pipeline-parallel size (ranks in one pipeline)."""
+    pp_schedule: Literal["1f1b", "gpipe", "interleaved_1f1b"] = "1f1b"
+    """Pipeline schedule (torch.distributed.pipelining). 'interleaved_1f1b' needs pp_virtual_stages >= 2."""
+    pp_virtual_stages: int = 1
+    """Stages per pipeline rank (interleaved schedules): the model is cut into pp * pp_virtual_stages stages."""
+    pp_layers: Optional[list[int]] = None
+    """Layers of each stage, in order (pp * pp_virtual_stages entries summing to model.n_layers); null
+    balances layer counts."""
     dp: Optional[int] = None
     """Data-parallel size; null means world_size / (tp * pp)."""
     dp_type: Literal["fsdp", "ddp"] = "fsdp"

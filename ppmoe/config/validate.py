@@ -84,6 +84,38 @@ def check_model_split(cfg: ExperimentConfig) -> None:
         )
 
 
+def check_pipeline(cfg: ExperimentConfig, dp: int) -> None:
+    par, t = cfg.parallel, cfg.train
+    if par.pp_virtual_stages < 1:
+        raise ConfigError(f"parallel.pp_virtual_stages must be >= 1, got {par.pp_virtual_stages}")
+    if par.pp == 1:
+        if par.pp_virtual_stages != 1 or par.pp_layers:
+            raise ConfigError("parallel.pp_virtual_stages / pp_layers only apply with parallel.pp > 1")
+        return
+    interleaved = par.pp_schedule == "interleaved_1f1b"
+    if interleaved and par.pp_virtual_stages < 2:
+        raise ConfigError("parallel.pp_schedule=interleaved_1f1b needs parallel.pp_virtual_stages >= 2")
+    if not interleaved and par.pp_virtual_stages != 1:
+        raise ConfigError(f"parallel.pp_schedule={par.pp_schedule} runs one stage per rank: set "
+                          f"parallel.pp_virtual_stages: 1 or use interleaved_1f1b")
+    stages = par.pp * par.pp_virtual_stages
+    if par.pp_layers is None and cfg.model.n_layers < stages:
+        raise ConfigError(f"model.n_layers={cfg.model.n_layers} is fewer than the {stages} pipeline stages")
+    if par.pp_layers is not None and (len(par.pp_layers) != stages or sum(par.pp_layers) != cfg.model.n_layers
+                                      or min(par.pp_layers) < 1):
+        raise ConfigError(f"parallel.pp_layers={par.pp_layers} must have {stages} entries (pp * "
+                          f"pp_virtual_stages), each >= 1, summing to model.n_layers={cfg.model.n_layers}")
+    if cfg.model.tie_embeddings:
+        raise ConfigError("model.tie_embeddings is not supported with parallel.pp > 1 (the embedding and the "
+                          "output head live on different stages); set it to false")
+    micro = t.global_batch_size // max(1, t.micro_batch_size * dp)
+    if micro < par.pp or (interleaved and micro % par.pp):
+        raise ConfigError(f"the pipeline gets {micro} micro-batches per step (global_batch_size / "
+                          f"(micro_batch_size * dp)); it needs at least parallel.pp={par.pp}"
+                          + (" and a multiple of it for interleaved_1f1b" if interleaved else "")
+                          + ": lower train.micro_batch_size or raise train.global_batch_size")
+
+
 def check_moe(cfg: ExperimentConfig) -> None:
     moe, tp = cfg.moe, cfg.parallel.tp
     if moe.num_experts == 0:
@@ -123,9 +155,8 @@ def check_alltoall(cfg: ExperimentConfig, dp: int) -> None:
 def validate(cfg: ExperimentConfig, world_size: int) -> int:
     """Check the whole config for a run on `world_size` processes; returns the data-parallel size."""
     check_positive(cfg)
-    if cfg.parallel.pp != 1:
-        raise ConfigError("parallel.pp > 1: pipeline parallelism is not implemented yet; set parallel.pp: 1")
     dp = resolve_dp(cfg, world_size)
+    check_pipeline(cfg, dp)
     check_model_split(cfg)
     check_moe(cfg)
     check_alltoall(cfg, dp)

@@ -14,13 +14,17 @@ from .shape import MoEShape
 
 
 class MoEStats:
-    """Detached per-layer statistics, summed over the micro-batches since the last reset."""
+    """Detached per-layer statistics. Each forward appends a pending record; `commit` folds the records
+    of real training micro-batches into the totals (a pipeline schedule also runs forwards of its own to
+    infer shapes, which must not count), and the trainer reads and resets the totals at log steps."""
 
     def __init__(self, num_experts: int):
         self.num_experts = num_experts
+        self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = []
         self.reset()
 
     def reset(self) -> None:
+        self.pending.clear()
         self.calls = 0
         self.aux_loss = 0.0
         self.z_loss = 0.0
@@ -29,11 +33,18 @@ class MoEStats:
 
     def record(self, routing: Routing, aux_unscaled: torch.Tensor, z_unscaled: torch.Tensor) -> None:
         # Tensors stay on the device (no sync per layer); the trainer reads them at log steps.
-        self.calls += 1
-        self.aux_loss = self.aux_loss + aux_unscaled
-        self.z_loss = self.z_loss + z_unscaled
-        self.tokens_per_expert = self.tokens_per_expert.to(routing.tokens_per_expert.device) + routing.tokens_per_expert
-        self.assignments += routing.expert_ids.numel()
+        self.pending.append((aux_unscaled, z_unscaled, routing.tokens_per_expert, routing.expert_ids.numel()))
+
+    def commit(self, keep_last: int | None = None) -> None:
+        """Fold the last `keep_last` pending records (all when None) into the totals; drop the rest."""
+        start = max(0, len(self.pending) - keep_last) if keep_last is not None else 0
+        for aux, z, counts, assignments in self.pending[start:]:
+            self.calls += 1
+            self.aux_loss = self.aux_loss + aux
+            self.z_loss = self.z_loss + z
+            self.tokens_per_expert = self.tokens_per_expert.to(counts.device) + counts
+            self.assignments += assignments
+        self.pending.clear()
 
 
 class MoEFeedForward(nn.Module):

@@ -25,8 +25,10 @@ def sharded_groups(grad: torch.Tensor) -> tuple:
 
 
 @torch.no_grad()
-def global_grad_norm(parameters: Iterable[torch.nn.Parameter]) -> torch.Tensor:
-    """L2 norm of all gradients as if they were one full, unsharded vector (a 0-d float32 tensor)."""
+def global_grad_norm(parameters: Iterable[torch.nn.Parameter], stage_group: dist.ProcessGroup | None = None
+                     ) -> torch.Tensor:
+    """L2 norm of all gradients as if they were one full, unsharded vector (a 0-d float32 tensor).
+    `stage_group`: the pipeline group, whose ranks hold disjoint parameters (their squares add up)."""
     by_groups: dict[tuple, torch.Tensor] = {}
     seen = set()
     for p in parameters:
@@ -43,15 +45,18 @@ def global_grad_norm(parameters: Iterable[torch.nn.Parameter]) -> torch.Tensor:
         for group in groups:
             dist.all_reduce(square, group=group)
         total = total.to(square.device) + square
+    if stage_group is not None and dist.get_world_size(stage_group) > 1:
+        dist.all_reduce(total, group=stage_group)
     return total.sqrt()
 
 
 @torch.no_grad()
-def clip_grad_norm(parameters: Iterable[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+def clip_grad_norm(parameters: Iterable[torch.nn.Parameter], max_norm: float,
+                   stage_group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Scale gradients so that their global norm is at most `max_norm` (0 = measure only).
     Returns the norm before clipping."""
     parameters = list(parameters)
-    norm = global_grad_norm(parameters)
+    norm = global_grad_norm(parameters, stage_group)
     if max_norm > 0:
         scale = min(1.0, max_norm / (float(norm) + 1e-6))
         if scale < 1.0:

@@ -9,42 +9,56 @@ import torch.nn as nn
 from ..moe.layer import MoEFeedForward
 
 
-def moe_layers(model: nn.Module) -> list[MoEFeedForward]:
-    return [m for m in model.modules() if isinstance(m, MoEFeedForward)]
-
-
 def set_aux_loss_scale(model: nn.Module, scale: float) -> None:
     """Scale the attached aux losses like the main loss (1 / micro-batches per step)."""
-    for layer in moe_layers(model):
-        layer.loss_scale = scale
+    for layer in model.modules():
+        if isinstance(layer, MoEFeedForward):
+            layer.loss_scale = scale
+
+
+def commit_moe_stats(parts: list[nn.Module], keep_last: int | None = None) -> None:
+    """After a training step: count the last `keep_last` forwards of each MoE layer (all when None)."""
+    for part in parts:
+        for layer in part.modules():
+            if isinstance(layer, MoEFeedForward):
+                layer.stats.commit(keep_last)
 
 
 class MoEMonitor:
-    """Reads and resets the layers' MoEStats at log steps, reduced over the data-parallel group."""
+    """Reads and resets the MoE layers' stats at log steps. Rows of the table are the model's MoE layers
+    (all of them, in order); a pipeline stage fills its own and the stages' tables are summed over the
+    pipeline group, then averaged (losses) or summed (counts) over the data-parallel group, so what is
+    logged does not depend on the layout."""
 
-    def __init__(self, model: nn.Module, dp_group, warn_ratio: float, warn_steps: int, log):
-        self.layers = moe_layers(model)
-        self.dp_group, self.warn_ratio, self.warn_steps, self.log = dp_group, warn_ratio, warn_steps, log
-        self.streak = [0] * len(self.layers)
+    def __init__(self, layers: nn.ModuleDict, moe_layer_ids: list[int], num_experts: int, pp_group, dp_group,
+                 warn_ratio: float, warn_steps: int, log):
+        self.local = {int(name): block.feed_forward for name, block in layers.items()
+                      if isinstance(block.feed_forward, MoEFeedForward)}
+        self.rows = {layer_id: row for row, layer_id in enumerate(moe_layer_ids)}
+        self.num_experts, self.pp_group, self.dp_group = num_experts, pp_group, dp_group
+        self.warn_ratio, self.warn_steps, self.log = warn_ratio, warn_steps, log
+        self.streak = [0] * len(moe_layer_ids)
 
     def reset(self) -> None:
-        for layer in self.layers:
+        for layer in self.local.values():
             layer.stats.reset()
 
     def collect(self, steps: int, device: torch.device) -> dict:
         """Metrics since the last reset: aux_loss and z_loss (mean per layer and micro-batch, unscaled by
         the coefficient's step factor), expert_load ([layer][expert] share of kept assignments),
         dropped_frac. `steps` is how many optimizer steps the window covered (for the warning)."""
-        if not self.layers:
+        if not self.rows:
             return {}
-        rows = []
-        for layer in self.layers:
+        table = torch.zeros(len(self.rows), self.num_experts + 3, dtype=torch.float64, device=device)
+        for layer_id, layer in self.local.items():
             s = layer.stats
             calls = max(s.calls, 1)
-            rows.append(torch.cat([s.tokens_per_expert.to(device, torch.float64),
-                                   torch.tensor([float(s.aux_loss) / calls, float(s.z_loss) / calls,
-                                                 float(s.assignments)], dtype=torch.float64, device=device)]))
-        table = torch.stack(rows)  # [layers, E + 3]
+            table[self.rows[layer_id]] = torch.cat([
+                s.tokens_per_expert.to(device, torch.float64),
+                torch.tensor([float(s.aux_loss) / calls, float(s.z_loss) / calls, float(s.assignments)],
+                             dtype=torch.float64, device=device)])
+        if self.pp_group is not None and dist.get_world_size(self.pp_group) > 1:
+            dist.all_reduce(table, group=self.pp_group)  # each stage filled only its own rows
         if self.dp_group is not None and dist.get_world_size(self.dp_group) > 1:
             dist.all_reduce(table, group=self.dp_group)
             table[:, -3:-1] /= dist.get_world_size(self.dp_group)  # losses average, counts add up

@@ -1,4 +1,4 @@
-"""One optimizer step's forward/backward over micro-batches, and the validation loss."""
+"""One optimizer step's forward/backward over micro-batches (without pipelining), and the autocast choice."""
 
 from __future__ import annotations
 
@@ -41,24 +41,3 @@ def forward_backward(model: nn.Module, inputs: torch.Tensor, targets: torch.Tens
             (loss / len(chunks)).backward()
         total += scalar_value(loss)
     return total / len(chunks)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], micro_batch_size: int,
-             loss_fn: LossFunction, autocast: Callable[[], ContextManager], device: torch.device,
-             dp_group: dist.ProcessGroup | None) -> float:
-    """Mean loss over `batches` (each [local_batch, seq]), averaged over the data-parallel group."""
-    was_training = model.training
-    model.eval()
-    total, count = torch.zeros((), device=device), 0
-    for inputs, targets in batches:
-        for x, y in zip(inputs.split(micro_batch_size), targets.split(micro_batch_size)):
-            with loss_fn.context(), autocast():
-                total += scalar_value(loss_fn.compute(model(x.to(device)), y.to(device)))
-            count += 1
-    model.train(was_training)
-    mean = total / max(count, 1)
-    if dp_group is not None and dist.get_world_size(dp_group) > 1:
-        dist.all_reduce(mean, group=dp_group)
-        mean /= dist.get_world_size(dp_group)
-    return float(mean)

@@ -12,8 +12,7 @@ import torch.distributed as dist
 from ..config import ExperimentConfig, save_config, validate
 from ..data import BatchLoader, iter_eval_batches, read_meta
 from ..model import build_model, model_shape, peak_flops_per_device, training_flops_per_token
-from ..parallel import (ParallelDims, Runtime, apply_data_parallel, apply_expert_layout, apply_tensor_parallel,
-                        clip_grad_norm,
+from ..parallel import (ParallelDims, Runtime, clip_grad_norm,
                         init_distributed)
 from .checkpoint import CheckpointManager
 from .loss import build_loss
@@ -21,7 +20,8 @@ from .metrics import MetricsLogger, peak_memory_gib
 from .moe_metrics import MoEMonitor, set_aux_loss_scale
 from .optim import build_optimizer, lr_at, set_lr
 from .signals import StopRequest
-from .step import autocast_factory, evaluate, forward_backward
+from .parallelize import parallelize
+from .step import autocast_factory
 
 
 @dataclass
@@ -53,18 +53,20 @@ class Trainer:
 
         meta = read_meta(cfg.data.dataset_dir)
         self.shape = model_shape(cfg, meta["vocab_size"])
-        self.model = build_model(self.shape, cfg.train.seed, self.rt.device)
-        apply_tensor_parallel(self.model, self.tp_mesh)
-        dp_owned = apply_expert_layout(self.model, self.mesh, cfg.moe.dispatcher)
-        apply_data_parallel(self.model, self.dp_mesh, cfg.parallel.dp_type, dp_owned)
-        self.optimizer = build_optimizer(self.model, cfg.train, self.rt.device)
         self.loss_fn = build_loss(self.dims.tp)
         self.autocast = autocast_factory(self.rt.device, cfg.train.dtype)
+        # `model`: this rank's parameters (all layers, or its pipeline stages) under the full model's names.
+        self.model, self.runner = parallelize(build_model(self.shape, cfg.train.seed, self.rt.device), cfg,
+                                              self.dims, self.mesh, self.rt.device, self.loss_fn, self.autocast)
+        self.optimizer = build_optimizer(self.model, cfg.train, self.rt.device)
+        self.pp_group = self.mesh["pp"].get_group() if self.dims.pp > 1 else None
 
         t = cfg.train
         self.local_batch = t.global_batch_size // dp
         set_aux_loss_scale(self.model, t.micro_batch_size / self.local_batch)
-        self.moe = MoEMonitor(self.model, self.dp_mesh.get_group(), cfg.moe.imbalance_warn_ratio,
+        moe_ids = [i for i in range(self.shape.n_layers) if self.shape.is_moe_layer(i)]
+        self.moe = MoEMonitor(self.model.layers, moe_ids, self.shape.moe.num_experts if self.shape.moe else 0,
+                              self.pp_group, self.dp_mesh.get_group(), cfg.moe.imbalance_warn_ratio,
                               cfg.moe.imbalance_warn_steps, lambda msg: self.metrics.info(msg))
         self.loader = BatchLoader(cfg.data.dataset_dir, "train", t.seq_len, t.global_batch_size,
                                   self.dp_mesh.get_local_rank(), dp, t.seed)
@@ -103,12 +105,19 @@ class Trainer:
         t = self.cfg.train
         batches = iter_eval_batches(self.cfg.data.dataset_dir, "val", t.seq_len, t.global_batch_size,
                                     t.val_batches, self.dp_mesh.get_local_rank(), self.dims.dp)
-        return evaluate(self.model, batches, t.micro_batch_size, self.loss_fn, self.autocast, self.rt.device,
-                        self.dp_mesh.get_group())
+        for part in self.runner.parts:
+            part.eval()
+        losses = [self.runner.eval_step(x.to(self.rt.device), y.to(self.rt.device)) for x, y in batches]
+        for part in self.runner.parts:
+            part.train()
+        return self.global_mean(torch.stack(losses).mean())
 
     def global_mean(self, value: torch.Tensor) -> float:
-        """Average a per-rank scalar over the data-parallel group (TP ranks already agree)."""
+        """The loss of the whole global batch from per-rank values: summed over the pipeline group (only
+        the last stage holds it), averaged over the data-parallel group (TP ranks already agree)."""
         value = value.clone()
+        if self.pp_group is not None:
+            dist.all_reduce(value, group=self.pp_group)
         if self.dims.dp > 1:
             dist.all_reduce(value, group=self.dp_mesh.get_group())
             value /= self.dims.dp
@@ -121,9 +130,8 @@ class Trainer:
         lr = lr_at(self.step + 1, t)
         set_lr(self.optimizer, lr)
         self.optimizer.zero_grad(set_to_none=True)
-        loss = forward_backward(self.model, inputs.to(self.rt.device), targets.to(self.rt.device),
-                                t.micro_batch_size, self.loss_fn, self.autocast)
-        grad_norm = clip_grad_norm(self.model.parameters(), t.grad_clip)
+        loss = self.runner.train_step(inputs.to(self.rt.device), targets.to(self.rt.device))
+        grad_norm = clip_grad_norm(self.model.parameters(), t.grad_clip, self.pp_group)
         self.optimizer.step()
         self.step += 1
         self.tokens_seen += self.tokens_per_step

@@ -1,0 +1,79 @@
+"""How one rank runs forward/backward for a batch: all layers here, or its stages of a pipeline.
+
+Chosen once when the trainer is built (`build_runner`). Both take this rank's batch
+([local_batch, seq] inputs and targets), split it into micro-batches of `micro_batch_size`, and return
+the mean loss over them as seen by this rank: a real value where the loss is computed (everywhere
+without pipelining, the last stage with it) and 0 elsewhere (`holds_loss` says which).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, ContextManager
+
+import torch
+import torch.nn as nn
+
+from .loss import LossFunction, scalar_value
+from .moe_metrics import commit_moe_stats
+from .step import forward_backward
+
+
+class SingleStageRunner:
+    """Every layer on this rank: gradient accumulation over micro-batches."""
+
+    holds_loss = True
+
+    def __init__(self, model: nn.Module, micro_batch_size: int, loss_fn: LossFunction,
+                 autocast: Callable[[], ContextManager]):
+        self.model, self.parts = model, [model]
+        self.micro_batch_size, self.loss_fn, self.autocast = micro_batch_size, loss_fn, autocast
+
+    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        loss = forward_backward(self.model, inputs, targets, self.micro_batch_size, self.loss_fn, self.autocast)
+        commit_moe_stats(self.parts)
+        return loss
+
+    @torch.no_grad()
+    def eval_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros((), device=inputs.device)
+        chunks = list(zip(inputs.split(self.micro_batch_size), targets.split(self.micro_batch_size)))
+        for x, y in chunks:
+            with self.loss_fn.context(), self.autocast():
+                total += scalar_value(self.loss_fn.compute(self.model(x), y))
+        return total / len(chunks)
+
+
+class PipelineRunner:
+    """This rank's pipeline stages driven by a torch.distributed.pipelining schedule. The micro-batches
+    of gradient accumulation are the pipeline's micro-batches."""
+
+    def __init__(self, parts: list[nn.Module], is_last: bool, n_microbatches: int, loss_fn: LossFunction,
+                 autocast: Callable[[], ContextManager], make_schedule: Callable[[Callable], object]):
+        self.parts, self.holds_loss = parts, is_last
+        self.n_microbatches, self.loss_fn, self.autocast = n_microbatches, loss_fn, autocast
+        self.schedule = make_schedule(self.microbatch_loss)
+
+    def microbatch_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Called by the schedule on the last stage. Divided by the micro-batch count like the
+        non-pipelined path (the schedule is built not to rescale gradients)."""
+        return self.loss_fn.compute(output, target) / self.n_microbatches
+
+    def run(self, step: Callable, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        # The schedule reports the loss of each micro-batch it ran (it may call loss_fn more often, e.g.
+        # when it sets itself up, so counting our own calls would be wrong).
+        losses: list[torch.Tensor] = []
+        with self.loss_fn.context(), self.autocast():
+            step(inputs, target=targets, losses=losses)
+        if not losses:
+            return torch.zeros((), device=inputs.device)
+        return torch.stack([scalar_value(loss) for loss in losses]).sum()
+
+    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        loss = self.run(self.schedule.step, inputs, targets)
+        # The schedule's shape-inference forwards come before the micro-batches: keep the last ones.
+        commit_moe_stats(self.parts, keep_last=self.n_microbatches)
+        return loss
+
+    @torch.no_grad()
+    def eval_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.run(self.schedule.eval, inputs, targets)
