@@ -20,7 +20,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if name == "prepare":
             p.add_argument("--overwrite", action="store_true", help="rebuild an existing prepared dataset")
     sub.add_parser("config", help="print the config reference (every key, its default and meaning)")
+    slurm = sub.add_parser("slurm", help="write an sbatch script (srun + torchrun, requeue on preemption)")
+    slurm.add_argument("config")
+    slurm.add_argument("--nodes", type=int, default=1)
+    slurm.add_argument("--gpus-per-node", type=int, default=8)
+    slurm.add_argument("--time", default="24:00:00", help="SLURM time limit")
+    slurm.add_argument("--job-name", default="ppmoe")
+    slurm.add_argument("--partition")
+    slurm.add_argument("--account")
+    slurm.add_argument("--grace-s", type=int, default=300, help="seconds before the limit to checkpoint and requeue")
+    slurm.add_argument("--cpus-per-task", type=int, default=64)
+    slurm.add_argument("--port", type=int, default=29500, help="c10d rendezvous port on the first node")
+    slurm.add_argument("--python", default="python", help="interpreter on the compute nodes")
+    slurm.add_argument("--workdir", default=".", help="directory the job runs in (the repository)")
+    slurm.add_argument("--log-dir", default="logs")
+    slurm.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides")
+    slurm.add_argument("--out", help="write the script here instead of standard output")
     return parser.parse_args(argv)
+
+
+def write_slurm_script(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .launch.slurm import SlurmJob, render
+
+    fields = {k: v for k, v in vars(args).items() if k not in ("command", "out")}
+    script = render(SlurmJob(**fields))
+    if args.out:
+        Path(args.out).write_text(script)
+        print(f"wrote {args.out}: sbatch {args.out}")
+    else:
+        print(script, end="")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
             print(reference_markdown())
             return 0
         cfg = load_config(args.config, args.overrides)
+        if args.command == "slurm":
+            return write_slurm_script(args)
         if args.command == "prepare":
             from .data import prepare_dataset
             prepare_dataset(cfg.data, overwrite=args.overwrite)

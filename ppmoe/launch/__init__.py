@@ -1,0 +1,1 @@
+"""Launch helpers: torchrun under SLURM (sbatch script generation, preemption-aware agent)."""
