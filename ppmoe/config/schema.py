@@ -84,6 +84,28 @@ class MoEConfig:
 
 
 @dataclass
+class PatchConfig:
+    """Patch-level training (Shao et al., 2024): the first part of training reads patches of K tokens."""
+
+    size: int = 1
+    """K, tokens per patch. A patch's input is the mean of its K token embeddings and its output is scored
+    against the K tokens of the next patch. 1 is ordinary token-level training."""
+    fraction: float = 0.0
+    """lambda: the share of the run's training TOKENS seen at patch level (the paper's default is 2/3);
+    0 disables the patch phase. The patch phase reads K * train.seq_len tokens per sequence (seq_len
+    patches), so a patch step costs what a token step costs and sees K times the tokens; with
+    train.steps optimizer steps in all, compute relative to token-level training on the same tokens is
+    lambda/K + (1 - lambda)."""
+    reset_optimizer: bool = True
+    """At the switch to token level, start a fresh optimizer (the paper: only parameters carry over)."""
+    reset_schedule: bool = True
+    """Give each phase its own warmup + cosine learning-rate schedule (the paper); false runs one schedule
+    over the whole run."""
+    token_warmup_steps: Optional[int] = None
+    """Warmup steps of the token phase's schedule; null means train.warmup_steps."""
+
+
+@dataclass
 class ParallelConfig:
     """How the world is split: world_size = tp * pp * dp."""
 
@@ -217,6 +239,7 @@ class ExperimentConfig:
     """Run directory: resolved config, metrics.jsonl, checkpoints."""
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    patch: PatchConfig = field(default_factory=PatchConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -84,6 +84,16 @@ def check_model_split(cfg: ExperimentConfig) -> None:
         )
 
 
+def check_patch(cfg: ExperimentConfig) -> None:
+    patch = cfg.patch
+    if patch.size < 1:
+        raise ConfigError(f"patch.size must be >= 1 (1 = token level), got {patch.size}")
+    if not 0.0 <= patch.fraction < 1.0:
+        raise ConfigError(f"patch.fraction must be in [0, 1) (the token phase needs some tokens), got {patch.fraction}")
+    if patch.token_warmup_steps is not None and patch.token_warmup_steps < 0:
+        raise ConfigError(f"patch.token_warmup_steps must be >= 0, got {patch.token_warmup_steps}")
+
+
 def check_pipeline(cfg: ExperimentConfig, dp: int) -> None:
     par, t = cfg.parallel, cfg.train
     if par.pp_virtual_stages < 1:
@@ -159,6 +169,7 @@ def validate(cfg: ExperimentConfig, world_size: int) -> int:
     check_pipeline(cfg, dp)
     check_model_split(cfg)
     check_moe(cfg)
+    check_patch(cfg)
     check_alltoall(cfg, dp)
     t = cfg.train
     if t.global_batch_size % (t.micro_batch_size * dp):

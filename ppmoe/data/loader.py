@@ -152,6 +152,11 @@ class BatchLoader:
                 self.epoch, self.position = self.epoch + 1, 0
         return _to_batch(self.stream, ids[self._rows], self.seq_len)
 
+    def advance(self, samples: int) -> None:
+        """Skip to `samples` global samples from the start (epochs of this loader's size): where a loader
+        over other windows of the same data left off (patch-level training's switch to token level)."""
+        self.epoch, self.position = divmod(int(samples), self.num_samples)
+
     def state_dict(self) -> dict:
         return {
             "epoch": int(self.epoch),

@@ -81,10 +81,10 @@ class GPT(nn.Module):
                 nn.init.normal_(p, 0.0, std)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        seq = tokens.shape[1]
-        if seq > self.shape.max_seq_len:
-            raise ValueError(f"sequence of {seq} tokens is longer than the model's max_seq_len {self.shape.max_seq_len}")
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        seq = h.shape[1]  # positions after the embedding: patches when patch input is on
+        if seq > self.shape.max_seq_len:
+            raise ValueError(f"sequence of {seq} positions is longer than the model's max_seq_len {self.shape.max_seq_len}")
         cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
         for layer in self.layers.values():
             h = layer(h, cos, sin)

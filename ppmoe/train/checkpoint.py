@@ -96,6 +96,12 @@ class CheckpointManager:
             set_rng_state(torch.load(rng_file, weights_only=False))
         return state["trainer"]
 
+    def read_trainer_state(self, path: Path, trainer_template: dict) -> dict:
+        """Only the trainer state of a checkpoint (step, data position, ...), without touching the model."""
+        state = {"trainer": trainer_template}
+        dcp.load(state, checkpoint_id=str(path))
+        return state["trainer"]
+
     def prune(self) -> None:
         if self.keep <= 0:
             return

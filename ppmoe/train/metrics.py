@@ -32,6 +32,10 @@ def format_line(m: dict[str, Any], total_steps: int) -> str:
     parts.append(f"mem {m['memory_gib']:.2f}GiB")
     if "val_loss" in m:
         parts.append(f"val {m['val_loss']:.4f}")
+    if "val_patch_loss" in m:
+        parts.append(f"val(patch) {m['val_patch_loss']:.4f}")
+    if m.get("phase") == "patch":
+        parts.insert(1, "patch")
     return " | ".join(parts)
 
 

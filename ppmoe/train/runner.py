@@ -28,6 +28,9 @@ class SingleStageRunner:
         self.model, self.parts = model, [model]
         self.micro_batch_size, self.loss_fn, self.autocast = micro_batch_size, loss_fn, autocast
 
+    def set_loss(self, loss_fn: LossFunction) -> None:
+        self.loss_fn = loss_fn
+
     def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         loss = forward_backward(self.model, inputs, targets, self.micro_batch_size, self.loss_fn, self.autocast)
         commit_moe_stats(self.parts)
@@ -51,7 +54,13 @@ class PipelineRunner:
                  autocast: Callable[[], ContextManager], make_schedule: Callable[[Callable], object]):
         self.parts, self.holds_loss = parts, is_last
         self.n_microbatches, self.loss_fn, self.autocast = n_microbatches, loss_fn, autocast
+        self.make_schedule = make_schedule
         self.schedule = make_schedule(self.microbatch_loss)
+
+    def set_loss(self, loss_fn: LossFunction) -> None:
+        """A new objective (patch -> token level): the stages see new shapes, so build a new schedule."""
+        self.loss_fn = loss_fn
+        self.schedule = self.make_schedule(self.microbatch_loss)
 
     def microbatch_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Called by the schedule on the last stage. Divided by the micro-batch count like the

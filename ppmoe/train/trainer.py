@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from patchtrain import Phase, build_patch_loss, build_plan, enable_patch_input, patch_window_len, to_patch_batch
+
 from ..config import ExperimentConfig, save_config, validate
 from ..data import BatchLoader, iter_eval_batches, read_meta
 from ..model import build_model, model_shape, peak_flops_per_device, training_flops_per_token
@@ -18,7 +20,7 @@ from .checkpoint import CheckpointManager
 from .loss import build_loss
 from .metrics import MetricsLogger, peak_memory_gib
 from .moe_metrics import MoEMonitor, set_aux_loss_scale
-from .optim import build_optimizer, lr_at, set_lr
+from .optim import build_optimizer, materialize_state, set_lr
 from .signals import StopRequest
 from .parallelize import parallelize
 from .step import autocast_factory
@@ -53,8 +55,9 @@ class Trainer:
 
         meta = read_meta(cfg.data.dataset_dir)
         self.shape = model_shape(cfg, meta["vocab_size"])
-        self.loss_fn = build_loss(self.dims.tp)
         self.autocast = autocast_factory(self.rt.device, cfg.train.dtype)
+        self.plan = build_plan(cfg)
+        self.loss_fn = build_loss(self.dims.tp)  # replaced per phase in enter_phase
         # `model`: this rank's parameters (all layers, or its pipeline stages) under the full model's names.
         self.model, self.runner = parallelize(build_model(self.shape, cfg.train.seed, self.rt.device), cfg,
                                               self.dims, self.mesh, self.rt.device, self.loss_fn, self.autocast)
@@ -68,20 +71,61 @@ class Trainer:
         self.moe = MoEMonitor(self.model.layers, moe_ids, self.shape.moe.num_experts if self.shape.moe else 0,
                               self.pp_group, self.dp_mesh.get_group(), cfg.moe.imbalance_warn_ratio,
                               cfg.moe.imbalance_warn_steps, lambda msg: self.metrics.info(msg))
-        self.loader = BatchLoader(cfg.data.dataset_dir, "train", t.seq_len, t.global_batch_size,
-                                  self.dp_mesh.get_local_rank(), dp, t.seed)
-        self.tokens_per_step = t.global_batch_size * t.seq_len
-        self.flops_per_token = training_flops_per_token(self.shape, t.seq_len)
+        # Both phases compute seq_len positions per sequence, so a step costs the same FLOPs in each.
+        self.flops_per_step = training_flops_per_token(self.shape, t.seq_len) * t.global_batch_size * t.seq_len
         self.peak_flops = peak_flops_per_device(t.peak_flops)
         self.ckpt = CheckpointManager(cfg.checkpoint.dir or self.run_dir / "checkpoints", cfg.checkpoint.keep,
                                       self.rt.rank)
         self.metrics = MetricsLogger(cfg, self.run_dir, self.rt.is_main)
         self.step = 0
         self.tokens_seen = 0
+        self.flops = 0.0
+        self.patch_hooks: list = []
+        self.enter_phase(self.plan.phases[0])
+
+    # ---- phases (patch-level training) ----------------------------------------------------------
+    def enter_phase(self, phase: Phase, samples_seen: int = 0) -> None:
+        """Wire data, input and loss for `phase`: patch input hooks and the next-patch loss in the patch
+        phase, plain tokens in the token phase. The new loader continues `samples_seen` samples in."""
+        t, k = self.cfg.train, phase.patch_size
+        self.phase = phase
+        for hook in self.patch_hooks:
+            hook.remove()
+        self.patch_hooks = []
+        if phase.name == "patch":
+            self.patch_hooks = [h for h in (enable_patch_input(part, k) for part in self.runner.parts) if h]
+            self.loss_fn = build_patch_loss(self.dims.tp, k, self.rt.device)
+            self.window = patch_window_len(t.seq_len, k)
+            self.to_batch = lambda x, y: to_patch_batch(x, y, t.seq_len, k)
+        else:
+            self.loss_fn = build_loss(self.dims.tp)
+            self.window = t.seq_len
+            self.to_batch = lambda x, y: (x, y)
+        self.runner.set_loss(self.loss_fn)
+        self.loader = BatchLoader(self.cfg.data.dataset_dir, "train", self.window, t.global_batch_size,
+                                  self.dp_mesh.get_local_rank(), self.dims.dp, t.seed)
+        self.loader.advance(samples_seen)
+        self.tokens_per_step = t.global_batch_size * t.seq_len * k
+
+    def switch_phase(self) -> None:
+        """Patch phase done: token level from here, with a fresh optimizer unless configured otherwise."""
+        previous = self.phase
+        self.enter_phase(self.plan.phase_for_step(self.step + 1), samples_seen=self.loader.samples_seen)
+        if self.cfg.patch.reset_optimizer:
+            self.optimizer = self.fresh_optimizer()
+        self.metrics.info(f"step {self.step}: {previous.name} phase done ({self.tokens_seen:,} tokens); "
+                          f"{self.phase.name} level from here"
+                          + (", fresh optimizer" if self.cfg.patch.reset_optimizer else ""))
+
+    def fresh_optimizer(self) -> torch.optim.Optimizer:
+        optimizer = build_optimizer(self.model, self.cfg.train, self.rt.device)
+        materialize_state(optimizer)  # the switch checkpoint is taken before its first step
+        return optimizer
 
     # ---- state -------------------------------------------------------------------------------
     def trainer_state(self) -> dict:
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "data": self.loader.state_dict()}
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "flops": self.flops,
+                "data": self.loader.state_dict()}
 
     def save(self) -> Path:
         path = self.ckpt.save(self.step, self.model, self.optimizer, self.trainer_state())
@@ -95,19 +139,28 @@ class Trainer:
         path = self.ckpt.latest() if resume == "auto" else Path(resume)
         if path is None:
             return
+        # The saved step decides the phase, which decides the data windows and the optimizer to load into.
+        saved_step = int(self.ckpt.read_trainer_state(path, self.trainer_state())["step"])
+        phase = self.plan.phase_for_step(saved_step + 1)
+        if phase != self.phase:
+            self.enter_phase(phase)
+            if self.cfg.patch.reset_optimizer:
+                self.optimizer = self.fresh_optimizer()
         state = self.ckpt.load(path, self.model, self.optimizer, self.trainer_state())
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        self.flops = float(state["flops"])
         self.loader.load_state_dict(state["data"])
         self.metrics.info(f"resumed from {path} at step {self.step}")
 
     # ---- loop --------------------------------------------------------------------------------
     def validation_loss(self) -> float:
+        """Validation loss of the current phase's objective (next-patch loss in the patch phase)."""
         t = self.cfg.train
-        batches = iter_eval_batches(self.cfg.data.dataset_dir, "val", t.seq_len, t.global_batch_size,
+        batches = iter_eval_batches(self.cfg.data.dataset_dir, "val", self.window, t.global_batch_size,
                                     t.val_batches, self.dp_mesh.get_local_rank(), self.dims.dp)
         for part in self.runner.parts:
             part.eval()
-        losses = [self.runner.eval_step(x.to(self.rt.device), y.to(self.rt.device)) for x, y in batches]
+        losses = [self.runner.eval_step(*(b.to(self.rt.device) for b in self.to_batch(x, y))) for x, y in batches]
         for part in self.runner.parts:
             part.train()
         return self.global_mean(torch.stack(losses).mean())
@@ -126,8 +179,8 @@ class Trainer:
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """One optimizer step; returns (this rank's loss, global grad norm, lr)."""
         t = self.cfg.train
-        inputs, targets = self.loader.next_batch()
-        lr = lr_at(self.step + 1, t)
+        inputs, targets = self.to_batch(*self.loader.next_batch())
+        lr = self.plan.lr(self.step + 1, t)
         set_lr(self.optimizer, lr)
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.runner.train_step(inputs.to(self.rt.device), targets.to(self.rt.device))
@@ -135,6 +188,7 @@ class Trainer:
         self.optimizer.step()
         self.step += 1
         self.tokens_seen += self.tokens_per_step
+        self.flops += self.flops_per_step
         return loss, grad_norm, lr
 
     def fit(self) -> TrainResult:
@@ -149,6 +203,7 @@ class Trainer:
         )
         stop = StopRequest()
         run_start, window_tokens, window_time, window_steps = time.perf_counter(), 0, 0.0, 0
+        window_flops = 0.0
         try:
             while self.step < t.steps:
                 step_start = time.perf_counter()
@@ -157,31 +212,38 @@ class Trainer:
                     torch.cuda.synchronize()
                 window_time += time.perf_counter() - step_start
                 window_tokens += self.tokens_per_step
+                window_flops += self.flops_per_step
                 window_steps += 1
                 last = self.step == t.steps
                 record = {}
                 if self.step % t.log_every == 0 or last:
                     tokens_per_sec = window_tokens / max(window_time, 1e-9)
-                    record = {"step": self.step, "loss": self.global_mean(loss), "lr": lr,
+                    record = {"step": self.step, "phase": self.phase.name, "loss": self.global_mean(loss), "lr": lr,
                               "grad_norm": float(grad_norm), "tokens_per_sec": tokens_per_sec,
-                              "tokens_seen": self.tokens_seen,
-                              "mfu": (tokens_per_sec * self.flops_per_token / (self.peak_flops * self.rt.world_size)
+                              "tokens_seen": self.tokens_seen, "flops": self.flops,
+                              "mfu": (window_flops / max(window_time, 1e-9) / (self.peak_flops * self.rt.world_size)
                                       if self.peak_flops else None),
                               "memory_gib": peak_memory_gib(self.rt.device),
                               "elapsed_s": time.perf_counter() - run_start}
                     record.update(self.moe.collect(window_steps, self.rt.device))
                     result.losses[self.step] = record["loss"]
                     result.tokens_per_sec = tokens_per_sec
-                    window_tokens, window_time, window_steps = 0, 0.0, 0
+                    window_tokens, window_time, window_steps, window_flops = 0, 0.0, 0, 0.0
                 if t.val_every and (self.step % t.val_every == 0 or last):
                     record.setdefault("step", self.step)
-                    record["val_loss"] = self.validation_loss()
-                    result.val_losses[self.step] = record["val_loss"]
+                    key = "val_loss" if self.phase.name == "token" else "val_patch_loss"
+                    record[key] = self.validation_loss()
+                    if key == "val_loss":
+                        result.val_losses[self.step] = record[key]
                     self.moe.reset()  # validation's routing is not training load
                 if record:
                     self.metrics.log(record)
+                switching = self.step == self.phase.end and not last
+                if switching:
+                    self.switch_phase()
                 stopping = stop.agreed(self.rt.device)
-                if stopping or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or (
+                # The switch is a checkpoint boundary: a resumed run starts the token phase from here.
+                if stopping or switching or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or (
                         last and cfg.checkpoint.save_final):
                     result.checkpoint = self.save()
                 if stopping:
