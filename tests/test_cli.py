@@ -71,7 +71,8 @@ def test_missing_dataset_says_how_to_prepare(tmp_path):
                                               ("tiny_moe_cpu", 2, 4096), ("gpt_350m_8gpu", 8, 32768),
                                               ("moe_gpt3_medium_64e_tp8", 8, 32768),
                                               ("moe_gpt3_medium_64e_tp8", 16, 32768),
-                                              ("moe_143b_tp8_pp16", 128, 32768)])
+                                              ("moe_143b_tp8_pp16", 128, 32768), ("tiny_patch_cpu", 1, 4096),
+                                              ("patch_370m_8gpu", 8, 32768)])
 def test_shipped_configs_are_valid(name, world, vocab):
     cfg = load_config(REPO / "configs" / f"{name}.yaml")
     dp = validate(cfg, world)
