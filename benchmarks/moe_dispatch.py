@@ -55,14 +55,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing as mp
 import os
-import pickle
-import socket
 import statistics
 import sys
 import time
-import traceback
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -162,51 +158,7 @@ COUNTER = CommCounter()
 # ----------------------------------------------------------------------------- process launcher
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _child(fn, rank, world_size, port, args, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
-                      OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    try:
-        result = fn(*args)
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        queue.put((rank, "ok", pickle.dumps(result)))
-    except BaseException:  # report every failure, SystemExit included
-        queue.put((rank, "error", traceback.format_exc()))
-
-
-def run_ranks(fn, world_size: int, *args, timeout: float = 900.0) -> list:
-    """fn(*args) on world_size forked processes joined by gloo env vars; per-rank results in rank order."""
-    ctx = mp.get_context("fork")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_child, args=(fn, r, world_size, port, args, queue)) for r in range(world_size)]
-    for p in procs:
-        p.start()
-    results, errors = {}, []
-    try:
-        for _ in procs:
-            rank, status, payload = queue.get(timeout=timeout)
-            if status == "ok":
-                results[rank] = pickle.loads(payload)
-            else:
-                errors.append(f"rank {rank} failed:\n{payload}")
-                break
-    finally:
-        for p in procs:
-            p.join(timeout=5 if errors else timeout)
-            if p.is_alive():
-                p.kill()
-    if errors:
-        raise RuntimeError("\n".join(errors))
-    return [results[r] for r in range(world_size)]
+from ppmoe.launch.local import run_ranks  # noqa: E402  (forked gloo ranks, as in the tests)
 
 
 # ----------------------------------------------------------------------------- FFN variants

@@ -14,7 +14,7 @@ from ppmoe.config import load_config
 from ppmoe.train.checkpoint import complete_checkpoints
 from ppmoe.train.metrics import read_metrics
 from test_parallel_equivalence import full_grads, tiny_config
-from test_resume import run_killed
+from test_resume import die_before_step, run_killed
 
 STEPS = 12  # K=4, lambda=2/3: 4 patch steps then 8 token steps (0.5x the compute of 24 token steps)
 PATCH = ["patch.size=4", "patch.fraction=0.6667", f"train.steps={STEPS}", "train.warmup_steps=2"]
@@ -80,20 +80,11 @@ def test_phase_plan_gives_lambda_of_the_tokens_at_half_the_compute():
 
 # ---- training ------------------------------------------------------------------------------------
 def train(dataset_dir, output_dir, overrides, kill_at_step=None):
-    import os
-
     from ppmoe.train import Trainer
 
     trainer = Trainer(tiny_config(dataset_dir, output_dir, overrides))
     if kill_at_step is not None:
-        original = trainer.train_step
-
-        def train_step_or_die():
-            if trainer.step + 1 == kill_at_step:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return original()
-
-        trainer.train_step = train_step_or_die
+        die_before_step(trainer, kill_at_step)
     trainer.fit()
     return full_grads(trainer.model)
 

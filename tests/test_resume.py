@@ -28,15 +28,20 @@ def train(dataset_dir, output_dir, overrides, kill_at_step=None):
 
     trainer = Trainer(tiny_config(dataset_dir, output_dir, [f"train.steps={STEPS}", *overrides]))
     if kill_at_step is not None:
-        original = trainer.train_step
-
-        def train_step_or_die():
-            if trainer.step + 1 == kill_at_step:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return original()
-
-        trainer.train_step = train_step_or_die
+        die_before_step(trainer, kill_at_step)
     return trainer.fit().last_step
+
+
+def die_before_step(trainer, step: int) -> None:
+    """SIGKILL the process just before `trainer` runs optimizer step `step` (no chance to save)."""
+    original = trainer.train_step
+
+    def train_step_or_die():
+        if trainer.step + 1 == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original()
+
+    trainer.train_step = train_step_or_die
 
 
 def run_killed(world_size, *args):
