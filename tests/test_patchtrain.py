@@ -158,3 +158,52 @@ def test_parallel_patch_training_matches_one_process(world, layout, patch_run, t
         assert parallel[step]["loss"] == pytest.approx(straight[step]["loss"], rel=1e-5), step
     for name, g in grads.items():
         torch.testing.assert_close(merged[name], g, rtol=0, atol=5e-4 * g.abs().max().item())
+
+
+# ---- one data order for both phases --------------------------------------------------------------
+def test_token_phase_reads_what_the_patch_phase_did_not(tiny_dataset):
+    from patchtrain.loader import PhaseAlignedLoader
+
+    k, t, batch = 4, 8, 4
+    loader = PhaseAlignedLoader(tiny_dataset, "train", t, k, batch, 0, 1, seed=3)
+    requested = []  # (offset, length) of every window the loader reads
+    read = loader.stream.window
+    loader.stream.window = lambda start, length: requested.append((start, length)) or read(start, length)
+    chunk, epoch_windows = k * (t + 1), loader.windows_per_epoch
+
+    seen = set()
+    for _ in range((epoch_windows // k) // batch // 2):  # half an epoch at patch level
+        x, y = loader.next_batch()
+        assert x.shape == (batch, k * t + k - 1)  # what to_patch_batch expects
+        for start, length in requested:
+            assert start % chunk == 0 and length == chunk  # a patch sample is one whole chunk
+            seen.update(start + j * (t + 1) for j in range(k))
+        requested.clear()
+    loader.set_phase("token")
+    while loader.samples_seen < epoch_windows:
+        x, y = loader.next_batch()
+        assert x.shape == (batch, t) and torch.equal(x[:, 1:], y[:, :-1])
+        for start, length in requested:
+            assert length == t + 1 and start not in seen  # never a window the patch phase read
+            seen.add(start)
+        requested.clear()
+    assert len(seen) == epoch_windows  # the epoch's chunks are covered exactly once
+
+
+def test_aligned_loader_splits_over_dp_and_resumes(tiny_dataset):
+    from patchtrain.loader import PhaseAlignedLoader
+
+    whole = PhaseAlignedLoader(tiny_dataset, "train", 8, 4, 4, 0, 1, seed=1)
+    halves = [PhaseAlignedLoader(tiny_dataset, "train", 8, 4, 4, r, 2, seed=1) for r in range(2)]
+    for phase in ("patch", "token"):
+        for loader in [whole, *halves]:
+            loader.set_phase(phase)
+        for _ in range(3):
+            x, _ = whole.next_batch()
+            assert torch.equal(torch.cat([h.next_batch()[0] for h in halves]), x)
+    state = whole.state_dict()
+    expected = whole.next_batch()
+    again = PhaseAlignedLoader(tiny_dataset, "train", 8, 4, 4, 0, 1, seed=1)
+    again.set_phase("token")
+    again.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(again.next_batch(), expected))

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from patchtrain import Phase, build_patch_loss, build_plan, enable_patch_input, patch_window_len, to_patch_batch
+from patchtrain.loader import PhaseAlignedLoader
 
 from ..config import ExperimentConfig, save_config, validate
 from ..data import BatchLoader, iter_eval_batches, read_meta
@@ -81,6 +82,10 @@ class Trainer:
         self.tokens_seen = 0
         self.flops = 0.0
         self.patch_hooks: list = []
+        patch_size = self.plan.phases[0].patch_size
+        self.aligned_loader = PhaseAlignedLoader(
+            cfg.data.dataset_dir, "train", t.seq_len, patch_size, t.global_batch_size, self.dp_mesh.get_local_rank(),
+            dp, t.seed) if patch_size > 1 else None
         self.enter_phase(self.plan.phases[0])
 
     # ---- phases (patch-level training) ----------------------------------------------------------
@@ -102,9 +107,13 @@ class Trainer:
             self.window = t.seq_len
             self.to_batch = lambda x, y: (x, y)
         self.runner.set_loss(self.loss_fn)
-        self.loader = BatchLoader(self.cfg.data.dataset_dir, "train", self.window, t.global_batch_size,
-                                  self.dp_mesh.get_local_rank(), self.dims.dp, t.seed)
-        self.loader.advance(samples_seen)
+        if self.aligned_loader is not None:  # one data order: the token phase reads what the patch phase did not
+            self.loader = self.aligned_loader
+            self.loader.set_phase(phase.name)
+        else:
+            self.loader = BatchLoader(self.cfg.data.dataset_dir, "train", self.window, t.global_batch_size,
+                                      self.dp_mesh.get_local_rank(), self.dims.dp, t.seed)
+            self.loader.advance(samples_seen)
         self.tokens_per_step = t.global_batch_size * t.seq_len * k
 
     def switch_phase(self) -> None:
