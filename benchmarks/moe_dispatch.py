@@ -337,7 +337,7 @@ def worker(variant: str, a, mode: str) -> dict:
 
     for _ in range(a.warmup):
         step()
-    times, comm, step_bytes = [], [], None
+    times, comm = [], []
     for _ in range(a.repeats):
         dist.barrier()
         COUNTER.reset()

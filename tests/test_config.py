@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ppmoe.config import (ConfigError, ExperimentConfig, ModelConfig, ParallelConfig, TrainConfig,
+from ppmoe.config import (ConfigError, ExperimentConfig, ModelConfig, TrainConfig,
                           load_config, save_config, to_dict, validate)
 from ppmoe.config import schema
 from ppmoe.config.docs import reference_markdown

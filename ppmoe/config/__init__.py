@@ -2,7 +2,6 @@
 
 from .loader import ConfigError, load_config, save_config, to_dict
 from .schema import (CheckpointConfig, DataConfig, ExperimentConfig, LoggingConfig, ModelConfig, MoEConfig, PatchConfig,
-                     PatchConfig,
                      ParallelConfig, TrainConfig)
 from .validate import derived_ffn_hidden, padded_vocab_size, validate
 

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager, Iterable
+from typing import Callable, ContextManager
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from ..parallel import set_gradient_sync
