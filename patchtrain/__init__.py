@@ -4,7 +4,9 @@ embedding.py  patch input (mean of K token embeddings), a hook applied from outs
 loss.py       next-patch loss (one shared log-softmax for the K targets), reference and layout factory
 kernels/      the fused triton K-target cross-entropy
 data.py       K*T-token windows and next-patch targets
+loader.py     one chunked data order for both phases (the token phase reads what the patch phase did not)
 schedule.py   the phase plan (lambda of the tokens at patch level) and per-phase learning rates
+phase_io.py   what a phase changes in the trainer: input hooks, loss, data windows
 """
 
 from .data import patch_window_len, to_patch_batch

@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from patchtrain import Phase, build_patch_loss, build_plan, enable_patch_input, patch_window_len, to_patch_batch
+from patchtrain import Phase, build_plan
 from patchtrain.loader import PhaseAlignedLoader
+from patchtrain.phase_io import PhaseIO, phase_io
 
 from ..config import ExperimentConfig, save_config, validate
 from ..data import BatchLoader, iter_eval_batches, read_meta
@@ -58,10 +59,11 @@ class Trainer:
         self.shape = model_shape(cfg, meta["vocab_size"])
         self.autocast = autocast_factory(self.rt.device, cfg.train.dtype)
         self.plan = build_plan(cfg)
-        self.loss_fn = build_loss(self.dims.tp)  # replaced per phase in enter_phase
         # `model`: this rank's parameters (all layers, or its pipeline stages) under the full model's names.
+        # The runner's loss is the first phase's, set in enter_phase.
         self.model, self.runner = parallelize(build_model(self.shape, cfg.train.seed, self.rt.device), cfg,
-                                              self.dims, self.mesh, self.rt.device, self.loss_fn, self.autocast)
+                                              self.dims, self.mesh, self.rt.device, build_loss(self.dims.tp),
+                                              self.autocast)
         self.optimizer = build_optimizer(self.model, cfg.train, self.rt.device)
         self.pp_group = self.mesh["pp"].get_group() if self.dims.pp > 1 else None
 
@@ -81,7 +83,7 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.flops = 0.0
-        self.patch_hooks: list = []
+        self.io: PhaseIO | None = None
         patch_size = self.plan.phases[0].patch_size
         self.aligned_loader = PhaseAlignedLoader(
             cfg.data.dataset_dir, "train", t.seq_len, patch_size, t.global_batch_size, self.dp_mesh.get_local_rank(),
@@ -90,31 +92,23 @@ class Trainer:
 
     # ---- phases (patch-level training) ----------------------------------------------------------
     def enter_phase(self, phase: Phase, samples_seen: int = 0) -> None:
-        """Wire data, input and loss for `phase`: patch input hooks and the next-patch loss in the patch
-        phase, plain tokens in the token phase. The new loader continues `samples_seen` samples in."""
-        t, k = self.cfg.train, phase.patch_size
+        """Wire input, loss and data for `phase` (patchtrain.phase_io). With K > 1 both phases share one
+        chunked data order (patchtrain.loader); otherwise (token-only runs, K = 1) the ordinary loader
+        continues `samples_seen` samples in."""
+        t = self.cfg.train
         self.phase = phase
-        for hook in self.patch_hooks:
-            hook.remove()
-        self.patch_hooks = []
-        if phase.name == "patch":
-            self.patch_hooks = [h for h in (enable_patch_input(part, k) for part in self.runner.parts) if h]
-            self.loss_fn = build_patch_loss(self.dims.tp, k, self.rt.device)
-            self.window = patch_window_len(t.seq_len, k)
-            self.to_batch = lambda x, y: to_patch_batch(x, y, t.seq_len, k)
-        else:
-            self.loss_fn = build_loss(self.dims.tp)
-            self.window = t.seq_len
-            self.to_batch = lambda x, y: (x, y)
-        self.runner.set_loss(self.loss_fn)
+        if self.io is not None:
+            self.io.close()
+        self.io = phase_io(phase, self.runner.parts, self.dims.tp, self.rt.device, t.seq_len)
+        self.runner.set_loss(self.io.loss_fn)
         if self.aligned_loader is not None:  # one data order: the token phase reads what the patch phase did not
             self.loader = self.aligned_loader
             self.loader.set_phase(phase.name)
         else:
-            self.loader = BatchLoader(self.cfg.data.dataset_dir, "train", self.window, t.global_batch_size,
+            self.loader = BatchLoader(self.cfg.data.dataset_dir, "train", self.io.window, t.global_batch_size,
                                       self.dp_mesh.get_local_rank(), self.dims.dp, t.seed)
             self.loader.advance(samples_seen)
-        self.tokens_per_step = t.global_batch_size * t.seq_len * k
+        self.tokens_per_step = t.global_batch_size * self.io.tokens_per_sequence
 
     def switch_phase(self) -> None:
         """Patch phase done: token level from here, with a fresh optimizer unless configured otherwise."""
@@ -165,11 +159,11 @@ class Trainer:
     def validation_loss(self) -> float:
         """Validation loss of the current phase's objective (next-patch loss in the patch phase)."""
         t = self.cfg.train
-        batches = iter_eval_batches(self.cfg.data.dataset_dir, "val", self.window, t.global_batch_size,
+        batches = iter_eval_batches(self.cfg.data.dataset_dir, "val", self.io.window, t.global_batch_size,
                                     t.val_batches, self.dp_mesh.get_local_rank(), self.dims.dp)
         for part in self.runner.parts:
             part.eval()
-        losses = [self.runner.eval_step(*(b.to(self.rt.device) for b in self.to_batch(x, y))) for x, y in batches]
+        losses = [self.runner.eval_step(*(b.to(self.rt.device) for b in self.io.to_batch(x, y))) for x, y in batches]
         for part in self.runner.parts:
             part.train()
         return self.global_mean(torch.stack(losses).mean())
@@ -188,7 +182,7 @@ class Trainer:
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """One optimizer step; returns (this rank's loss, global grad norm, lr)."""
         t = self.cfg.train
-        inputs, targets = self.to_batch(*self.loader.next_batch())
+        inputs, targets = self.io.to_batch(*self.loader.next_batch())
         lr = self.plan.lr(self.step + 1, t)
         set_lr(self.optimizer, lr)
         self.optimizer.zero_grad(set_to_none=True)
