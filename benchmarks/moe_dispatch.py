@@ -207,11 +207,12 @@ class DSWrap(nn.Module):
 
 
 def build_ffn(variant: str, a, group, rank: int, size: int) -> nn.Module:
-    import ppmoe.model  # noqa: F401  -- first: before fd4c55e `import ppmoe.moe` alone hit an import cycle
     from ppmoe.moe import MoEFeedForward, MoEShape
+    from ppmoe.moe.experts import resolve_kernel
 
     shape = MoEShape(num_experts=a.experts, top_k=a.top_k, expert_hidden=a.expert_hidden,
-                     capacity_factor=None, shared_expert_hidden=0)
+                     capacity_factor=None, shared_expert_hidden=0,
+                     expert_kernel=resolve_kernel(a.expert_kernel, "cpu", a.d_model, a.expert_hidden))
     if variant == "dense":
         return DenseTPFFN(a.d_model, a.top_k * a.expert_hidden, group, rank, size)
     if variant in ("pipeline", "alltoall"):
@@ -451,6 +452,8 @@ def main(argv=None) -> dict:
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=1)
     p.add_argument("--expert-hidden", type=int, default=512)
+    p.add_argument("--expert-kernel", default="auto", choices=["auto", "grouped_mm", "padded_bmm", "loop"],
+                   help="how ppmoe runs a rank's experts (auto: grouped_mm on CPU)")
     p.add_argument("--tokens", type=int, default=2048, help="global tokens per step")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--repeats", type=int, default=5)

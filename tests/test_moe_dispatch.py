@@ -181,7 +181,7 @@ def label_of(kind, ws, shape):
 PIPELINE_LAYOUTS = [(2, 4), (4, 4), (4, 8)]  # (world size, num_experts): 2, 1 and 2 experts per rank
 
 
-@pytest.mark.parametrize("kernel", ["padded_bmm", "loop"])
+@pytest.mark.parametrize("kernel", ["padded_bmm", "loop", "grouped_mm"])
 @pytest.mark.parametrize("top_k", [1, 2])
 @pytest.mark.parametrize("ws,num_experts", PIPELINE_LAYOUTS)
 def test_pipeline_matches_local(ws, num_experts, top_k, kernel):
@@ -198,7 +198,7 @@ def test_pipeline_matches_local(ws, num_experts, top_k, kernel):
 ALLTOALL_LAYOUTS = [(2, 4), (4, 4), (4, 8)]
 
 
-@pytest.mark.parametrize("kernel", ["padded_bmm", "loop"])
+@pytest.mark.parametrize("kernel", ["padded_bmm", "loop", "grouped_mm"])
 @pytest.mark.parametrize("top_k", [1, 2])
 @pytest.mark.parametrize("ws,num_experts", ALLTOALL_LAYOUTS)
 def test_alltoall_matches_local_per_chunk(ws, num_experts, top_k, kernel):
@@ -220,7 +220,7 @@ def test_ranks_whose_experts_get_no_tokens(kind, ws):
     num_experts = 4
     x, r = inputs(4 if kind == "alltoall" else 2, collapse=True)
     shapes = [make_shape(num_experts, k, None, kernel, False)
-              for k, kernel in itertools.product([1, 2], ["padded_bmm", "loop"])]
+              for k, kernel in itertools.product([1, 2], ["padded_bmm", "loop", "grouped_mm"])]
     results = run_ranks(_worker, ws, kind, [(s, x, r, True) for s in shapes], timeout=30)
     for i, shape in enumerate(shapes):
         label = label_of(kind, ws, shape) + " collapsed"

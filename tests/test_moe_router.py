@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ppmoe.moe import GroupedExperts, MoEFeedForward, MoEShape, TopKRouter
 from ppmoe.moe.aux_loss import attach_loss
-from ppmoe.moe.experts import run_experts_loop, run_experts_padded_bmm, swiglu
+from ppmoe.moe.experts import run_experts_grouped_mm, run_experts_loop, run_experts_padded_bmm, swiglu
 from ppmoe.moe.permute import combine, sort_by_expert
 from ppmoe.moe.router import capacity_mask, load_balancing_loss, z_loss
 
@@ -285,6 +285,32 @@ def test_expert_kernels_agree(counts):
     for e, c in enumerate(counts):
         if c == 0:
             assert all(torch.count_nonzero(g[e]) == 0 for g in results[1][2:])
+
+
+@pytest.mark.parametrize("counts", [[3, 0, 5, 1], [0, 0, 4, 0], [0, 0, 0, 0]])
+def test_grouped_mm_kernel_equals_the_loop(counts):
+    """torch._grouped_mm needs 16-byte aligned rows (fp32: sizes divisible by 4), hence d=8, hidden=12."""
+    torch.manual_seed(1)
+    ws = [torch.randn(4, 8, 12), torch.randn(4, 8, 12), torch.randn(4, 12, 8)]
+    x0, upstream = torch.randn(sum(counts), 8), torch.randn(sum(counts), 8)
+    results = []
+    for kernel in (run_experts_loop, run_experts_grouped_mm):
+        weights = [w.clone().requires_grad_() for w in ws]
+        x = x0.clone().requires_grad_()
+        out = kernel(x, counts, *weights)
+        (out * upstream).sum().backward()
+        results.append((out.detach(), x.grad, *(w.grad for w in weights)))
+    for a, b in zip(*results):
+        assert a is not None and b is not None and torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_kernel_needs_aligned_sizes():
+    from ppmoe.moe.experts import resolve_kernel
+
+    assert resolve_kernel("auto", "cpu", 8, 12) == "grouped_mm"
+    assert resolve_kernel("auto", "cpu", 6, 12) == "padded_bmm"  # 24-byte rows: not 16-byte aligned
+    assert resolve_kernel("auto", "cuda", 8, 12) == "padded_bmm"
+    assert resolve_kernel("loop", "cpu", 6, 10) == "loop"
 
 
 @pytest.mark.parametrize("kernel", [run_experts_padded_bmm, run_experts_loop])

@@ -75,8 +75,10 @@ class MoEConfig:
     ep: Optional[int] = None
     """Expert-parallel size for the 'alltoall' dispatcher; null means the data-parallel size (the only
     value supported so far)."""
-    expert_kernel: Literal["padded_bmm", "loop"] = "padded_bmm"
-    """How a rank runs its experts: 'padded_bmm' (batched over experts) or 'loop' (one per expert)."""
+    expert_kernel: Literal["auto", "grouped_mm", "padded_bmm", "loop"] = "auto"
+    """How a rank runs its experts: 'grouped_mm' (torch's grouped GEMM, no padding), 'padded_bmm' (pad
+    every expert to the largest load, three bmm), 'loop' (one matmul chain per expert, the reference);
+    'auto' is grouped_mm on CPU and padded_bmm on GPU."""
     imbalance_warn_ratio: float = 4.0
     """Warn when the busiest expert of a layer gets more than this many times the mean load..."""
     imbalance_warn_steps: int = 100

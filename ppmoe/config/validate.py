@@ -141,6 +141,10 @@ def check_moe(cfg: ExperimentConfig) -> None:
     if moe.dispatcher == "pipeline" and moe.num_experts % tp:
         raise ConfigError(f"moe.num_experts={moe.num_experts} is not divisible by parallel.tp={tp}: "
                           f"Pipeline-MoE gives each TP rank whole experts")
+    hidden = moe.expert_hidden or derived_ffn_hidden(cfg.model)
+    if moe.expert_kernel == "grouped_mm" and (cfg.model.d_model % 4 or hidden % 4):
+        raise ConfigError(f"moe.expert_kernel=grouped_mm needs model.d_model ({cfg.model.d_model}) and the expert "
+                          f"hidden size ({hidden}) divisible by 4 (16-byte rows); use 'auto' or 'padded_bmm'")
     if moe.shared_expert_hidden % tp:
         raise ConfigError(f"moe.shared_expert_hidden={moe.shared_expert_hidden} is not divisible by parallel.tp={tp}")
 

@@ -5,25 +5,28 @@ from __future__ import annotations
 import torch
 
 from ..config import ExperimentConfig, derived_ffn_hidden, padded_vocab_size
+from ..moe.experts import resolve_kernel
 from ..moe.shape import MoEShape
 from .gpt import GPT, GPTShape
 
 
-def moe_shape(cfg: ExperimentConfig) -> MoEShape | None:
+def moe_shape(cfg: ExperimentConfig, device_type: str = "cpu") -> MoEShape | None:
     moe = cfg.moe
     if moe.num_experts == 0:
         return None
+    hidden = moe.expert_hidden or derived_ffn_hidden(cfg.model)
     return MoEShape(
         num_experts=moe.num_experts, top_k=moe.top_k, every=moe.every,
-        expert_hidden=moe.expert_hidden or derived_ffn_hidden(cfg.model),
+        expert_hidden=hidden,
         shared_expert_hidden=moe.shared_expert_hidden, normalize_topk=moe.normalize_topk, jitter=moe.jitter,
         capacity_factor=moe.capacity_factor, aux_loss_coef=moe.aux_loss_coef, z_loss_coef=moe.z_loss_coef,
-        expert_kernel=moe.expert_kernel,
+        expert_kernel=resolve_kernel(moe.expert_kernel, device_type, cfg.model.d_model, hidden),
     )
 
 
-def model_shape(cfg: ExperimentConfig, vocab_size: int | None = None) -> GPTShape:
-    """Sizes of the model; `vocab_size` (from the dataset) is used when model.vocab_size is null."""
+def model_shape(cfg: ExperimentConfig, vocab_size: int | None = None, device_type: str = "cpu") -> GPTShape:
+    """Sizes of the model; `vocab_size` (from the dataset) is used when model.vocab_size is null;
+    `device_type` resolves the 'auto' expert kernel."""
     m = cfg.model
     vocab = m.vocab_size or vocab_size
     if vocab is None:
@@ -32,7 +35,7 @@ def model_shape(cfg: ExperimentConfig, vocab_size: int | None = None) -> GPTShap
         n_layers=m.n_layers, d_model=m.d_model, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads or m.n_heads,
         ffn_hidden=derived_ffn_hidden(m), vocab_size=padded_vocab_size(vocab, m.vocab_multiple),
         max_seq_len=cfg.train.seq_len, rope_theta=m.rope_theta, norm_eps=m.norm_eps,
-        tie_embeddings=m.tie_embeddings, init_std=m.init_std, moe=moe_shape(cfg),
+        tie_embeddings=m.tie_embeddings, init_std=m.init_std, moe=moe_shape(cfg, device_type),
     )
 
 

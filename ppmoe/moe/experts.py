@@ -44,7 +44,27 @@ def run_experts_padded_bmm(x: torch.Tensor, counts: list[int], w1, w3, w2) -> to
     return out[valid]
 
 
-EXPERT_KERNELS = {"loop": run_experts_loop, "padded_bmm": run_experts_padded_bmm}
+def run_experts_grouped_mm(x: torch.Tensor, counts: list[int], w1, w3, w2) -> torch.Tensor:
+    """Grouped GEMM (torch._grouped_mm): one call per matmul over all experts, no padding, so uneven
+    loads cost nothing extra. Measured on CPU fp32 (2,048 tokens, 8 experts, uneven load, fwd+bwd):
+    50 ms against 149 ms padded_bmm and 66 ms loop. Empty experts are allowed."""
+    offsets = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
+    hidden = F.silu(torch._grouped_mm(x, w1, offs=offsets)) * torch._grouped_mm(x, w3, offs=offsets)
+    return torch._grouped_mm(hidden, w2, offs=offsets)
+
+
+EXPERT_KERNELS = {"loop": run_experts_loop, "padded_bmm": run_experts_padded_bmm,
+                  "grouped_mm": run_experts_grouped_mm}
+
+
+def resolve_kernel(name: str, device_type: str, d_model: int, hidden: int) -> str:
+    """'auto': grouped_mm where this torch has it, on CPU (measured fastest there) and for fp32 rows that
+    are 16-byte aligned (d_model and hidden divisible by 4, which _grouped_mm requires); padded_bmm
+    elsewhere (grouped_mm on GPU wants bf16, not yet tested here)."""
+    if name != "auto":
+        return name
+    aligned = d_model % 4 == 0 and hidden % 4 == 0
+    return "grouped_mm" if device_type == "cpu" and aligned and hasattr(torch, "_grouped_mm") else "padded_bmm"
 
 
 class GroupedExperts(nn.Module):

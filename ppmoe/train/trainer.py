@@ -56,7 +56,7 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
 
         meta = read_meta(cfg.data.dataset_dir)
-        self.shape = model_shape(cfg, meta["vocab_size"])
+        self.shape = model_shape(cfg, meta["vocab_size"], self.rt.device.type)
         self.autocast = autocast_factory(self.rt.device, cfg.train.dtype)
         self.plan = build_plan(cfg)
         # `model`: this rank's parameters (all layers, or its pipeline stages) under the full model's names.
