@@ -134,6 +134,31 @@ def test_round_trip_gives_back_the_documents(dataset, docs):
         assert decoded == expected[split]
 
 
+def test_streaming_prepare_reads_the_source_once(tmp_path, docs, monkeypatch):
+    """One pass: the first val_documents documents are validation, the tokenizer sees only the next
+    tokenizer_documents, and every document round-trips; the source is iterated exactly once."""
+    import ppmoe.data.prepare as prepare_module
+
+    write_documents(tmp_path / "docs", docs)
+    cfg = files_config(tmp_path, tmp_path / "docs", streaming=True, val_documents=2, tokenizer_documents=3)
+    passes = []
+    real = prepare_module.iter_documents
+
+    def counted(c):
+        passes.append(1)
+        yield from real(c)
+
+    monkeypatch.setattr(prepare_module, "iter_documents", counted)
+    meta = prepare_dataset(cfg, log=lambda _: None)
+    assert len(passes) == 1
+    assert meta["documents"] == {"val": 2, "train": len(docs) - 2}
+    path = Path(cfg.dataset_dir)
+    tok = load_tokenizer(path / "tokenizer.json")
+    for split, expected in (("val", docs[:2]), ("train", docs[2:])):
+        pieces = split_documents(all_tokens(path, split), meta["eos_id"])
+        assert [tok.decode(p[:-1].tolist(), skip_special_tokens=False) for p in pieces] == expected
+
+
 def test_several_shards_and_window_across_boundaries(dataset):
     path, _, meta = dataset
     names = meta["shards"]["train"]

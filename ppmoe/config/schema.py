@@ -203,6 +203,15 @@ class DataConfig:
     """Share of the documents held out for validation (at least one document)."""
     shard_tokens: int = 16_777_216
     """Tokens per shard file."""
+    streaming: bool = False
+    """Prepare in one pass without holding the corpus in memory (large `datasets` corpora; hf sources
+    are then read with streaming=True): the first `val_documents` documents form the validation split,
+    the BPE is trained on the next `tokenizer_documents`, and everything after them is encoded and
+    written shard by shard. val_fraction does not apply."""
+    val_documents: int = 1000
+    """Validation documents when streaming."""
+    tokenizer_documents: int = 100_000
+    """Documents the BPE is trained on when streaming (they are also training data)."""
 
 
 @dataclass

@@ -14,13 +14,14 @@ interrupted run leaves only a `.NAME.tmp-*` directory that nothing reads.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -52,6 +53,8 @@ def prepare_dataset(cfg: DataConfig, log: Callable[[str], object] = print, overw
     _warn_leftovers(out, log)
     t0 = time.perf_counter()
 
+    if cfg.streaming:
+        return _prepare_streaming(cfg, out, log, overwrite, t0)
     docs = [d for d in iter_documents(cfg) if d]
     if len(docs) < 2:
         raise ValueError(
@@ -73,47 +76,88 @@ def prepare_dataset(cfg: DataConfig, log: Callable[[str], object] = print, overw
     dtype = np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
     eos = eos_id(tok)
 
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
+    tmp = _new_tmp_dir(out)
     try:
         shards, tokens = {}, {}
         for split in SPLITS:
             writer = ShardWriter(tmp, split, cfg.shard_tokens, dtype)
             _encode_into(tok, splits[split], eos, writer)
             shards[split], tokens[split] = writer.close(), writer.total
-        tok.save(str(tmp / TOKENIZER_FILE))
-        meta = {
-            "format_version": 1,
-            "vocab_size": vocab_size,
-            "dtype": dtype.name,
-            "eos_id": eos,
-            "tokens": tokens,
-            "shards": shards,
-            "num_documents": len(docs),
-            "documents": {s: len(splits[s]) for s in SPLITS},
-            "characters": {s: sum(map(len, splits[s])) for s in SPLITS},
-            "shard_tokens": cfg.shard_tokens,
-            "source": describe_source(cfg),
-            "tokenizer": cfg.tokenizer or f"byte-level BPE trained on the train split (vocab_size={cfg.vocab_size})",
-            "prepare_seconds": round(time.perf_counter() - t0, 3),
-        }
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if (out / META_FILE).is_file() and not overwrite:
-            # Another process finished the same dataset while we worked: keep theirs.
-            shutil.rmtree(tmp)
-            log(f"{out} was prepared by another process meanwhile; using it")
-            return read_meta(out)
-        _move_into_place(tmp, out)
+        meta = _finish(cfg, tok, tmp, out, shards, tokens, {s: len(splits[s]) for s in SPLITS},
+                       {s: sum(map(len, splits[s])) for s in SPLITS}, t0, overwrite, log)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
     log(
         f"prepared {out}: {len(docs)} docs ({len(splits['train'])} train / {n_val} val), "
         f"{tokens['train']:,} train + {tokens['val']:,} val tokens in "
-        f"{len(shards['train'])} + {len(shards['val'])} shards, vocab {vocab_size}, "
+        f"{len(shards['train'])} + {len(shards['val'])} shards, vocab {tok.get_vocab_size()}, "
         f"{meta['prepare_seconds']:.1f}s"
     )
+    return meta
+
+
+def _prepare_streaming(cfg: DataConfig, out: Path, log: Callable[[str], object], overwrite: bool, t0: float) -> dict:
+    """One pass, bounded memory: validation documents first, then a tokenizer sample, then the rest."""
+    docs = (d for d in iter_documents(cfg) if d)
+    val_docs = list(itertools.islice(docs, cfg.val_documents))
+    head = list(itertools.islice(docs, cfg.tokenizer_documents))
+    if not val_docs or not head:
+        raise ValueError(f"{describe_source(cfg)} gave too few documents for data.val_documents="
+                         f"{cfg.val_documents} plus at least one training document")
+    tok = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else train_bpe(head, cfg.vocab_size)
+    log(f"streaming {describe_source(cfg)}: {len(val_docs)} validation documents; tokenizer "
+        f"{'loaded' if cfg.tokenizer else f'trained on {len(head)} documents'} (vocab {tok.get_vocab_size()})")
+    dtype = np.dtype(np.uint16 if tok.get_vocab_size() <= 2**16 else np.uint32)
+    tmp = _new_tmp_dir(out)
+    try:
+        shards, tokens, counts, chars = {}, {}, {}, {}
+        for split, stream in (("val", val_docs), ("train", itertools.chain(head, docs))):
+            writer = ShardWriter(tmp, split, cfg.shard_tokens, dtype)
+            counts[split], chars[split] = _encode_into(tok, stream, eos_id(tok), writer)
+            shards[split], tokens[split] = writer.close(), writer.total
+        meta = _finish(cfg, tok, tmp, out, shards, tokens, counts, chars, t0, overwrite, log)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"prepared {out} (streaming): {counts['train']:,} train / {counts['val']:,} val docs, "
+        f"{tokens['train']:,} + {tokens['val']:,} tokens, {meta['prepare_seconds']:.1f}s")
+    return meta
+
+
+def _new_tmp_dir(out: Path) -> Path:
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _finish(cfg: DataConfig, tok, tmp: Path, out: Path, shards: dict, tokens: dict, documents: dict,
+            characters: dict, t0: float, overwrite: bool, log: Callable[[str], object]) -> dict:
+    """Write tokenizer.json and meta.json (last) into `tmp`, then move it into place atomically."""
+    vocab_size = tok.get_vocab_size()
+    tok.save(str(tmp / TOKENIZER_FILE))
+    meta = {
+        "format_version": 1,
+        "vocab_size": vocab_size,
+        "dtype": np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32).name,
+        "eos_id": eos_id(tok),
+        "tokens": tokens,
+        "shards": shards,
+        "num_documents": sum(documents.values()),
+        "documents": documents,
+        "characters": characters,
+        "shard_tokens": cfg.shard_tokens,
+        "source": describe_source(cfg),
+        "tokenizer": cfg.tokenizer or f"byte-level BPE trained on the train split (vocab_size={cfg.vocab_size})",
+        "prepare_seconds": round(time.perf_counter() - t0, 3),
+    }
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    if (out / META_FILE).is_file() and not overwrite:
+        # Another process finished the same dataset while we worked: keep theirs.
+        shutil.rmtree(tmp)
+        log(f"{out} was prepared by another process meanwhile; using it")
+        return read_meta(out)
+    _move_into_place(tmp, out)
     return meta
 
 
@@ -166,16 +210,20 @@ def _num_val_docs(n_docs: int, val_fraction: float) -> int:
     return min(max(1, round(val_fraction * n_docs)), n_docs - 1)
 
 
-def _encode_into(tok, docs: list[str], eos: int, writer: ShardWriter) -> None:
-    """Encode `docs` in batches (parallel in Rust) and append ids + EOS per document to `writer`."""
+def _encode_into(tok, docs: Iterable[str], eos: int, writer: ShardWriter) -> tuple[int, int]:
+    """Encode `docs` in batches (parallel in Rust) and append ids + EOS per document to `writer`.
+    Returns (documents, characters) written; `docs` is consumed once (it may be a stream)."""
     # A document containing the literal text "<|endoftext|>" must not turn into a real EOS (that
     # would split it in two and lose the text on decode), so special tokens are encoded as text.
     was = tok.encode_special_tokens
     tok.encode_special_tokens = True
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # _fast skips offsets we don't use
+    n_docs = n_chars = 0
+    docs = iter(docs)
     try:
-        for i in range(0, len(docs), _ENCODE_CHUNK_DOCS):
-            encodings = encode(docs[i : i + _ENCODE_CHUNK_DOCS], add_special_tokens=False)
+        while chunk := list(itertools.islice(docs, _ENCODE_CHUNK_DOCS)):
+            n_docs, n_chars = n_docs + len(chunk), n_chars + sum(map(len, chunk))
+            encodings = encode(chunk, add_special_tokens=False)
             lengths = [len(e.ids) + 1 for e in encodings]
             ids = np.empty(sum(lengths), dtype=writer.dtype)
             ends = np.cumsum(lengths)
@@ -185,6 +233,7 @@ def _encode_into(tok, docs: list[str], eos: int, writer: ShardWriter) -> None:
             writer.write(ids)
     finally:
         tok.encode_special_tokens = was
+    return n_docs, n_chars
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:

@@ -98,6 +98,15 @@ def _iter_hf(cfg: DataConfig) -> Iterator[str]:
         import datasets  # imported here: a heavy, optional dependency
     except ImportError as e:
         raise ImportError("data.source is 'hf' needs the `datasets` package; run `pip install datasets`") from e
+    if cfg.streaming:  # read lazily: a large corpus need not fit in memory or on disk at once
+        ds = datasets.load_dataset(cfg.hf_dataset, cfg.hf_subset, split=cfg.hf_split, streaming=True)
+        for row in ds:
+            if cfg.text_field not in row:
+                raise KeyError(f"dataset {cfg.hf_dataset!r} has no column {cfg.text_field!r} (data.text_field); "
+                               f"its columns are: {', '.join(row)}")
+            text = row[cfg.text_field]
+            yield "" if text is None else str(text)
+        return
     ds = datasets.load_dataset(cfg.hf_dataset, cfg.hf_subset, split=cfg.hf_split)
     columns = getattr(ds, "column_names", None)
     if columns is not None and cfg.text_field not in columns:
