@@ -24,9 +24,8 @@ def patch_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
 
 
 def expanded_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The same loss through F.cross_entropy on K views of each row: works where only cross_entropy
-    is available, e.g. on vocabulary-sharded DTensor logits under `loss_parallel` (tensor parallelism),
-    at the price of K expanded rows inside the kernel. logits [N, V], targets [N, K]."""
+    """The same loss through F.cross_entropy on K views of each row (a second reference; K expanded rows
+    inside the kernel). logits [N, V], targets [N, K]."""
     n, k = targets.shape
     expanded = logits.unsqueeze(1).expand(n, k, logits.shape[-1]).reshape(n * k, -1)
     return torch.nn.functional.cross_entropy(expanded.float(), targets.reshape(-1))
@@ -35,7 +34,7 @@ def expanded_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch
 def build_patch_loss(tp: int, patch_size: int, device: torch.device):
     """The next-patch LossFunction for a layout (chosen once, at build time):
     K = 1 -> ordinary next-token cross-entropy (exactly the token trainer's);
-    tensor parallel -> the expanded form under loss_parallel (vocabulary-sharded logits);
+    tensor parallel -> the vocabulary-parallel form (vocab_parallel.py: sharded logits, 3 all-reduces of N);
     otherwise -> the fused triton kernel on GPU, the torch reference elsewhere.
     compute(logits [B, T, V], targets [B, T, K])."""
     from ppmoe.train.loss import LossFunction, build_loss
@@ -44,10 +43,12 @@ def build_patch_loss(tp: int, patch_size: int, device: torch.device):
         token = build_loss(tp)
         return LossFunction(lambda logits, targets: token.compute(logits, targets[..., 0]), token.context)
     if tp > 1:
-        from torch.distributed.tensor.parallel import loss_parallel
+        import contextlib
 
-        kernel = expanded_cross_entropy
-        context = loss_parallel
+        from .vocab_parallel import vocab_parallel_patch_cross_entropy
+
+        kernel = vocab_parallel_patch_cross_entropy
+        context = contextlib.nullcontext
     else:
         import contextlib
 
