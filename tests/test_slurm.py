@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from multiproc import free_port
 from ppmoe.launch.slurm import SlurmJob, render
 from ppmoe.train.checkpoint import complete_checkpoints
 from ppmoe.train.metrics import read_metrics
@@ -59,7 +60,7 @@ def test_preemption_checkpoints_requeues_and_resumes(tiny_dataset, tmp_path):
                   "log_every": 1, "val_every": 0, "warmup_steps": 1}}))
     script = tmp_path / "job.sbatch"
     script.write_text(render(SlurmJob(config=str(config), gpus_per_node=2, python=sys.executable,
-                                      workdir=str(REPO), port=29731, grace_s=60)))
+                                      workdir=str(REPO), port=free_port(), grace_s=60)))
     env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
            "SLURM_JOB_NODELIST": "node1", "SLURM_JOB_NUM_NODES": "1", "PYTHONPATH": str(REPO),
            "OMP_NUM_THREADS": "1"}
