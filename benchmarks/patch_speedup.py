@@ -207,30 +207,25 @@ def plot(path: Path, token: dict, patch: dict, summary: dict) -> str | None:
     ax.set_title("training loss vs FLOPs")
     ax.set_xlabel("cumulative training FLOPs")
     ax.set_ylabel("loss")
-    ax2 = axes[1]
-    for run in (token, patch):
-        f, _, v = val_points(run)
-        ax2.plot(f, v, "o-", color=colors[run["name"]], label=labels[run["name"]] + " val_loss", ms=4)
-    f, _, v = val_points(patch, "val_patch_loss")
-    if f:
-        ax2.plot(f, v, "o--", color=colors["patch"], mfc="none", label="patch run val_patch_loss (next-patch)", ms=5)
-    ax2.axvline(summary["patch_run_flops"], color="gray", ls=":", lw=1)
+    def plot_val(ax, x_of, title: str, xlabel: str) -> None:
+        """Both runs' val_loss and the patch run's val_patch_loss against x_of(flops, tokens)."""
+        for run in (token, patch):
+            f, t, v = val_points(run)
+            ax.plot(x_of(f, t), v, "o-", color=colors[run["name"]], label=labels[run["name"]] + " val_loss", ms=4)
+        f, t, v = val_points(patch, "val_patch_loss")
+        if f:
+            ax.plot(x_of(f, t), v, "o--", color=colors["patch"], mfc="none",
+                    label="patch run val_patch_loss (next-patch)", ms=5)
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("val loss")
+
+    plot_val(axes[1], lambda f, t: f, "validation loss vs FLOPs", "cumulative training FLOPs")
+    axes[1].axvline(summary["patch_run_flops"], color="gray", ls=":", lw=1)
     if summary["token_val_at_patch_flops"] is not None:
-        ax2.plot([summary["patch_run_flops"]], [summary["token_val_at_patch_flops"]], "x", color=colors["token"],
-                 ms=10, mew=2, label="token run at the patch run's FLOPs (interp.)")
-    ax2.set_title("validation loss vs FLOPs")
-    ax2.set_xlabel("cumulative training FLOPs")
-    ax2.set_ylabel("val loss")
-    ax3 = axes[2]
-    for run in (token, patch):
-        _, t, v = val_points(run)
-        ax3.plot(t, v, "o-", color=colors[run["name"]], label=labels[run["name"]] + " val_loss", ms=4)
-    _, t, v = val_points(patch, "val_patch_loss")
-    if t:
-        ax3.plot(t, v, "o--", color=colors["patch"], mfc="none", label="patch run val_patch_loss (next-patch)", ms=5)
-    ax3.set_title("validation loss vs training tokens")
-    ax3.set_xlabel("training tokens read")
-    ax3.set_ylabel("val loss")
+        axes[1].plot([summary["patch_run_flops"]], [summary["token_val_at_patch_flops"]], "x",
+                     color=colors["token"], ms=10, mew=2, label="token run at the patch run's FLOPs (interp.)")
+    plot_val(axes[2], lambda f, t: t, "validation loss vs training tokens", "training tokens read")
     for a in axes:
         a.grid(alpha=0.3)
         a.legend(fontsize=7)
