@@ -10,7 +10,13 @@ log-softmax's temporary on GPU.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+
+from ppmoe.model.loss import LossFunction, build_loss
+
+from .vocab_parallel import vocab_parallel_patch_cross_entropy
 
 
 def patch_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -37,25 +43,12 @@ def build_patch_loss(tp: int, patch_size: int, device: torch.device):
     tensor parallel -> the vocabulary-parallel form (vocab_parallel.py: sharded logits, 3 all-reduces of N);
     otherwise -> the fused triton kernel on GPU, the torch reference elsewhere.
     compute(logits [B, T, V], targets [B, T, K])."""
-    from ppmoe.train.loss import LossFunction, build_loss
-
     if patch_size == 1:
         token = build_loss(tp)
         return LossFunction(lambda logits, targets: token.compute(logits, targets[..., 0]), token.context)
-    if tp > 1:
-        import contextlib
-
-        from .vocab_parallel import vocab_parallel_patch_cross_entropy
-
-        kernel = vocab_parallel_patch_cross_entropy
-        context = contextlib.nullcontext
-    else:
-        import contextlib
-
-        kernel = select_kernel(device)
-        context = contextlib.nullcontext
+    kernel = vocab_parallel_patch_cross_entropy if tp > 1 else select_kernel(device)
     return LossFunction(lambda logits, targets: kernel(logits.flatten(0, 1), targets.reshape(-1, patch_size)),
-                        context)
+                        contextlib.nullcontext)
 
 
 def select_kernel(device: torch.device):

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from multiproc import run_ranks
-from patchtrain import build_plan, mean_pool_patches, patch_cross_entropy, to_patch_batch
+from patchtrain import mean_pool_patches, patch_cross_entropy, to_patch_batch
 from patchtrain.loss import expanded_cross_entropy
 from ppmoe.config import load_config
 from ppmoe.train.checkpoint import complete_checkpoints
 from ppmoe.train.metrics import read_metrics
+from ppmoe.train.plan import build_stage_plan
 from test_parallel_equivalence import full_grads, tiny_config
 from test_resume import die_before_step, run_killed
 
@@ -66,16 +67,19 @@ def test_patch_batches_target_the_next_patch():
 
 
 def test_phase_plan_gives_lambda_of_the_tokens_at_half_the_compute():
-    plan = build_plan(load_config(None, ["patch.size=4", "patch.fraction=0.6667", "train.steps=300"]))
-    patch, token = plan.phases
+    plan = build_stage_plan(load_config(None, ["patch.size=4", "patch.fraction=0.6667", "train.steps=300"]), 300)
+    patch, token = plan.stages
     assert (patch.steps, token.steps) == (100, 200)
+    assert (patch.phase, token.phase, patch.patch_size, token.patch_size) == ("patch", "token", 4, 1)
     patch_tokens, token_tokens = 4 * patch.steps, token.steps  # in units of one token step's tokens
     assert patch_tokens / (patch_tokens + token_tokens) == pytest.approx(2 / 3)
     assert (patch.steps + token.steps) / (patch_tokens + token_tokens) == pytest.approx(0.5)  # lambda/K + 1 - lambda
+    assert patch.tokens_per_step == 4 * token.tokens_per_step and patch.flops_per_step == token.flops_per_step
     cfg = load_config(None, ["patch.size=4", "patch.fraction=0.6667", "train.steps=300", "train.warmup_steps=10"])
-    assert plan.lr(10, cfg.train) == pytest.approx(cfg.train.lr)  # patch warmup ends
-    assert plan.lr(100, cfg.train) == pytest.approx(cfg.train.min_lr)  # patch cosine ends
-    assert plan.lr(101, cfg.train) == pytest.approx(cfg.train.lr / 10)  # token phase warms up again
+    plan = build_stage_plan(cfg, 300)
+    assert plan.lr(10) == pytest.approx(cfg.train.lr)  # patch warmup ends
+    assert plan.lr(100) == pytest.approx(cfg.train.min_lr)  # patch cosine ends
+    assert plan.lr(101) == pytest.approx(cfg.train.lr / 10)  # token phase warms up again
 
 
 # ---- training ------------------------------------------------------------------------------------
@@ -161,27 +165,34 @@ def test_parallel_patch_training_matches_one_process(world, layout, patch_run, t
 
 
 # ---- one data order for both phases --------------------------------------------------------------
-def test_token_phase_reads_what_the_patch_phase_did_not(tiny_dataset):
-    from patchtrain.loader import PhaseAlignedLoader
+def chunked(dataset, k, t, batch, rank=0, dp=1, seed=3, patch=True):
+    """The run's loader for a K-patch stage (patch=True) or the token stage after it (ppmoe.data.ChunkedLoader)."""
+    from ppmoe.data import ChunkedLoader
 
+    return ChunkedLoader(dataset, "train", k * (t + 1), (k if patch else 1) * (t + 1), batch, rank, dp, seed)
+
+
+def test_token_phase_reads_what_the_patch_phase_did_not(tiny_dataset):
     k, t, batch = 4, 8, 4
-    loader = PhaseAlignedLoader(tiny_dataset, "train", t, k, batch, 0, 1, seed=3)
+    loader = chunked(tiny_dataset, k, t, batch)
     requested = []  # (offset, length) of every window the loader reads
     read = loader.stream.window
     loader.stream.window = lambda start, length: requested.append((start, length)) or read(start, length)
-    chunk, epoch_windows = k * (t + 1), loader.windows_per_epoch
+    chunk, epoch_windows = k * (t + 1), loader.num_chunks * k
 
     seen = set()
-    for _ in range((epoch_windows // k) // batch // 2):  # half an epoch at patch level
+    for _ in range(loader.num_chunks // batch // 2):  # half an epoch at patch level
         x, y = loader.next_batch()
         assert x.shape == (batch, k * t + k - 1)  # what to_patch_batch expects
         for start, length in requested:
             assert start % chunk == 0 and length == chunk  # a patch sample is one whole chunk
             seen.update(start + j * (t + 1) for j in range(k))
         requested.clear()
-    loader.set_phase("token")
-    while loader.samples_seen < epoch_windows:
-        x, y = loader.next_batch()
+    token = chunked(tiny_dataset, k, t, batch, patch=False)
+    token.continue_from(loader)
+    token.stream.window = loader.stream.window
+    while token.epoch == 0:  # the rest of the epoch at token level (a batch is one chunk here)
+        x, y = token.next_batch()
         assert x.shape == (batch, t) and torch.equal(x[:, 1:], y[:, :-1])
         for start, length in requested:
             assert length == t + 1 and start not in seen  # never a window the patch phase read
@@ -191,20 +202,21 @@ def test_token_phase_reads_what_the_patch_phase_did_not(tiny_dataset):
 
 
 def test_aligned_loader_splits_over_dp_and_resumes(tiny_dataset):
-    from patchtrain.loader import PhaseAlignedLoader
-
-    whole = PhaseAlignedLoader(tiny_dataset, "train", 8, 4, 4, 0, 1, seed=1)
-    halves = [PhaseAlignedLoader(tiny_dataset, "train", 8, 4, 4, r, 2, seed=1) for r in range(2)]
-    for phase in ("patch", "token"):
-        for loader in [whole, *halves]:
-            loader.set_phase(phase)
+    whole = chunked(tiny_dataset, 4, 8, 4, seed=1)
+    halves = [chunked(tiny_dataset, 4, 8, 4, rank=r, dp=2, seed=1) for r in range(2)]
+    for patch in (True, False):
+        if not patch:
+            previous = [whole, *halves]
+            whole = chunked(tiny_dataset, 4, 8, 4, seed=1, patch=False)
+            halves = [chunked(tiny_dataset, 4, 8, 4, rank=r, dp=2, seed=1, patch=False) for r in range(2)]
+            for loader, before in zip([whole, *halves], previous):
+                loader.continue_from(before)
         for _ in range(3):
             x, _ = whole.next_batch()
             assert torch.equal(torch.cat([h.next_batch()[0] for h in halves]), x)
     state = whole.state_dict()
     expected = whole.next_batch()
-    again = PhaseAlignedLoader(tiny_dataset, "train", 8, 4, 4, 0, 1, seed=1)
-    again.set_phase("token")
+    again = chunked(tiny_dataset, 4, 8, 4, seed=1, patch=False)
     again.load_state_dict(state)
     assert all(torch.equal(a, b) for a, b in zip(again.next_batch(), expected))
 

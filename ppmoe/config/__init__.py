@@ -1,12 +1,15 @@
 """Experiment configuration: schema, loading with overrides, validation."""
 
 from .loader import ConfigError, load_config, save_config, to_dict
-from .schema import (CheckpointConfig, DataConfig, ExperimentConfig, LoggingConfig, ModelConfig, MoEConfig, PatchConfig,
-                     ParallelConfig, TrainConfig)
-from .validate import derived_ffn_hidden, padded_vocab_size, validate
+from .schema import (CheckpointConfig, DataConfig, ExperimentConfig, GrowthConfig, GrowthOpsConfig, LoggingConfig,
+                     ModelConfig, MoEConfig, ParallelConfig, PatchConfig, StageConfig, TrainConfig)
+from .sizes import derived_ffn_hidden, padded_vocab_size
+from .stages import stage_configs
+from .validate import validate
+from .growth_rules import check_growth
 
 __all__ = [
-    "ConfigError", "load_config", "save_config", "to_dict", "validate", "derived_ffn_hidden",
+    "ConfigError", "load_config", "stage_configs", "check_growth", "save_config", "to_dict", "validate", "derived_ffn_hidden",
     "padded_vocab_size", "ExperimentConfig", "ModelConfig", "ParallelConfig", "TrainConfig", "DataConfig",
-    "CheckpointConfig", "LoggingConfig", "MoEConfig", "PatchConfig",
+    "CheckpointConfig", "LoggingConfig", "MoEConfig", "PatchConfig", "GrowthConfig", "GrowthOpsConfig", "StageConfig",
 ]

@@ -21,6 +21,35 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+def element_class(hint) -> type | None:
+    """The dataclass of a nested section (growth.ops) or of a list of sections (growth.stages), else None."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is list and args and dataclasses.is_dataclass(args[0]):
+        return args[0]
+    return None
+
+
+def field_rows(cls: type, prefix: str, defaults) -> list[str]:
+    """Table rows of `cls`'s fields under `prefix`; nested sections follow their own row, their keys
+    spelled as on the command line (growth.ops.noise, growth.stages.N.share)."""
+    rows = []
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        default = getattr(defaults, f.name) if defaults is not None else f.default
+        nested = element_class(hints[f.name])
+        shown = "" if nested else default
+        text = docs.get(f.name, "").replace("\n", " ").replace("|", "\\|")
+        rows.append(f"| `{prefix}{f.name}` | `{shown}` | {text} |" if not nested else
+                    f"| `{prefix}{f.name}` | {'`[]`' if nested is not hints[f.name] else ''} | {text} |")
+        if nested:
+            sub = f"{prefix}{f.name}." + ("N." if nested is not hints[f.name] else "")
+            rows += field_rows(nested, sub, default if nested is hints[f.name] else nested())
+    return rows
+
+
 def reference_markdown() -> str:
     """The config reference as markdown: one table per section."""
     out = []
@@ -33,10 +62,6 @@ def reference_markdown() -> str:
             continue
         out.append(f"### `{section.name}` — {inspect.cleandoc(cls.__doc__)}\n")
         out.append("| key | default | meaning |\n|---|---|---|")
-        docs = field_docs(cls)
-        for f in dataclasses.fields(cls):
-            default = getattr(getattr(defaults, section.name), f.name)
-            text = docs.get(f.name, "").replace("\n", " ").replace("|", "\\|")
-            out.append(f"| `{section.name}.{f.name}` | `{default}` | {text} |")
+        out += field_rows(cls, f"{section.name}.", getattr(defaults, section.name))
         out.append("")
     return "\n".join(out)

@@ -54,14 +54,31 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 
 def set_dotted(raw: dict, key: str, value: Any) -> None:
+    """Set `key` ('a.b.c'; a number indexes a list, as in growth.stages.0.share) in the raw mapping.
+    An index one past the end of a list appends a new element."""
     parts = key.split(".")
-    node = raw
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {key}: {part} is not a section")
-        node = child
-    node[parts[-1]] = value
+    node: Any = raw
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = ".".join(parts[:depth]) or "the config"
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) > len(node):
+                raise ConfigError(f"override {key}: {where} is a list of {len(node)} elements; "
+                                  f"index it with 0..{len(node)} (the last appends a new one)")
+            index = int(part)
+            if index == len(node):
+                node.append({})
+            if last:
+                node[index] = value
+                return
+            node = node[index]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+                return
+            node = node.setdefault(part, [] if parts[depth + 1].isdigit() else {})
+        else:
+            raise ConfigError(f"override {key}: {where} is not a section")
 
 
 def from_dict(cls: type, raw: dict, prefix: str):
@@ -111,6 +128,12 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key} must be a list, got {value!r}")
         return [coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else value
+    if dataclasses.is_dataclass(hint):  # an element of a list of sections (growth.stages)
+        return from_dict(hint, {} if value is None else value, prefix=f"{key.replace('[', '.').rstrip(']')}.")
+    if origin is dict or hint is dict:  # a partial override, checked against its section when applied
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping of keys to override, got {value!r}")
+        return dict(value)
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if hint is float and isinstance(value, str):

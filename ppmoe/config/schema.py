@@ -8,7 +8,7 @@ file > the defaults below.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 
 @dataclass
@@ -105,6 +105,78 @@ class PatchConfig:
     over the whole run."""
     token_warmup_steps: Optional[int] = None
     """Warmup steps of the token phase's schedule; null means train.warmup_steps."""
+
+
+@dataclass
+class GrowthOpsConfig:
+    """How each dimension grows at a growth boundary (ppmoe/growth); each operator's docstring says
+    when it preserves the model's function exactly."""
+
+    depth: Literal["stack", "interpose", "identity"] = "stack"
+    """New layers: 'stack' (new layer i copies old layer i mod L: CompoundGrow, G_stack), 'interpose'
+    (new layer i copies old layer i // g, g = L'/L), 'identity' (interpose order; the added copies get
+    zeroed output projections, so each is x + 0 + 0: exact)."""
+    width: Literal["clone"] = "clone"
+    """d_model and heads grow together by cloning the residual stream (head_dim fixed; exact)."""
+    ffn: Literal["tile"] = "tile"
+    """FFN hidden sizes (dense, experts, shared expert) grow by tiling the hidden units (exact)."""
+    experts: Literal["duplicate", "split"] = "duplicate"
+    """E -> m*E experts: 'duplicate' (each expert copied m times, gate rows copied; exact at top-1, or
+    with top_k grown to m*k), 'split' (each expert's hidden units cut into m fine-grained experts,
+    top_k grown to m*k: exact, same FLOPs). A dense FFN under an MoE slot is always upcycled (copied
+    into every expert)."""
+    noise: float = 0.01
+    """Symmetry breaking: zero-sum noise (this times the tensor's std) on the blocks that read cloned
+    copies, so copies diverge under AdamW while the function is unchanged; 0 keeps copies identical."""
+    router_std: float = 0.0
+    """Std of a new router's gate when a dense FFN is upcycled; 0 (a zero router) keeps top-1 and
+    unnormalised routing exact."""
+
+
+@dataclass
+class StageConfig:
+    """One stage of a growth run: its share of the budget and what differs from the final model."""
+
+    name: str = ""
+    """Stage name, shown on every console line and metrics record."""
+    share: float = 0.0
+    """Share of the budget (counted as growth.split says); the shares of all stages sum to 1."""
+    patch_size: int = 1
+    """K of patch-level training in this stage (1 = token level); patch stages come first, K non-increasing."""
+    model: dict[str, Any] = field(default_factory=dict)
+    """Partial override of the model section for this stage (the top-level model is the final one)."""
+    moe: dict[str, Any] = field(default_factory=dict)
+    """Partial override of the moe section (num_experts: 0 makes this stage dense)."""
+    train: dict[str, Any] = field(default_factory=dict)
+    """Partial override of the train section: lr, min_lr, warmup_steps, weight_decay, beta1, beta2,
+    grad_clip, global_batch_size, micro_batch_size, seq_len, dtype."""
+    parallel: dict[str, Any] = field(default_factory=dict)
+    """Partial override of the parallel section (tp, pp, ... for this stage; the world size is fixed)."""
+
+
+@dataclass
+class GrowthConfig:
+    """Progressive training (CompoundGrow): a list of stages, each a smaller model or a patch level,
+    grown into the next inside the running job. Empty stages: one stage (or patch.* phases)."""
+
+    stages: list[StageConfig] = field(default_factory=list)
+    """The stages in order; the last one is the final model (top-level model and moe)."""
+    split: Literal["flops", "tokens", "steps"] = "flops"
+    """How shares are counted. 'flops': train.steps is the budget in final-model steps, and stage s
+    runs share_s * train.steps * (FLOPs per final step / FLOPs per stage-s step) steps, so a growth run
+    and its full-size baseline with the same train.steps spend the same FLOPs; 'tokens' likewise with
+    tokens per step; 'steps': share_s * train.steps optimizer steps."""
+    ops: GrowthOpsConfig = field(default_factory=GrowthOpsConfig)
+    """The growth operators (growth.ops.*)."""
+    optimizer: Literal["reset", "transform"] = "reset"
+    """At a growth: 'reset' starts a fresh AdamW (CompoundGrow, G_stack, patch-level training);
+    'transform' carries the moments over, rescaled to the grown parameters' gradients."""
+    schedule: Literal["global", "per_stage"] = "global"
+    """'global': one warmup + cosine over the whole run (each stage's lr and min_lr as its peak and
+    floor), with a linear re-warmup over rewarm_steps after each boundary that resets the optimizer;
+    'per_stage': every stage its own warmup + cosine."""
+    rewarm_steps: Optional[int] = None
+    """Re-warmup steps after a growth with a fresh optimizer (global schedule); null means train.warmup_steps."""
 
 
 @dataclass
@@ -251,6 +323,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     patch: PatchConfig = field(default_factory=PatchConfig)
+    growth: GrowthConfig = field(default_factory=GrowthConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)

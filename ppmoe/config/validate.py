@@ -3,18 +3,10 @@
 from __future__ import annotations
 
 from .loader import ConfigError
-from .schema import ExperimentConfig, ModelConfig
-
-
-def derived_ffn_hidden(model: ModelConfig) -> int:
-    """SwiGLU hidden size: 8/3 * d_model rounded up to a multiple of 64 unless set explicitly."""
-    if model.ffn_hidden is not None:
-        return model.ffn_hidden
-    return -(-(8 * model.d_model // 3) // 64) * 64
-
-
-def padded_vocab_size(vocab_size: int, multiple: int) -> int:
-    return -(-vocab_size // multiple) * multiple
+from .growth_rules import check_growth
+from .schema import ExperimentConfig
+from .sizes import derived_ffn_hidden
+from .stages import stage_configs
 
 
 def check_positive(cfg: ExperimentConfig) -> None:
@@ -167,7 +159,25 @@ def check_alltoall(cfg: ExperimentConfig, dp: int) -> None:
 
 
 def validate(cfg: ExperimentConfig, world_size: int) -> int:
-    """Check the whole config for a run on `world_size` processes; returns the data-parallel size."""
+    """Check the whole config for a run on `world_size` processes: the growth plan, then every stage as a
+    run of its own (a plain run is one stage). Returns the final stage's data-parallel size."""
+    check_growth(cfg)
+    configs = stage_configs(cfg)
+    dp = 0
+    for index, stage in enumerate(configs):
+        try:
+            dp = validate_stage(stage, world_size)
+        except ConfigError as e:
+            if len(configs) == 1:
+                raise
+            name = cfg.growth.stages[index].name
+            raise ConfigError(f"growth stage {index} ({name!r}; the top-level config with growth.stages.{index} "
+                              f"overrides): {e}") from None
+    return dp
+
+
+def validate_stage(cfg: ExperimentConfig, world_size: int) -> int:
+    """Check one stage's config (the whole config of a run without growth); returns its data-parallel size."""
     check_positive(cfg)
     dp = resolve_dp(cfg, world_size)
     check_pipeline(cfg, dp)

@@ -3,6 +3,7 @@
 `prepare_dataset` builds a dataset directory once; `BatchLoader` / `iter_eval_batches` read it.
 """
 
+from ppmoe.data.chunked import ChunkedLoader
 from ppmoe.data.loader import BatchLoader, TokenStream, iter_eval_batches, read_meta
 from ppmoe.data.prepare import prepare_dataset
 from ppmoe.data.sources import describe_source, iter_documents
@@ -10,6 +11,7 @@ from ppmoe.data.tokenizer import EOS_TOKEN, eos_id, load_tokenizer, train_bpe
 
 __all__ = [
     "BatchLoader",
+    "ChunkedLoader",
     "EOS_TOKEN",
     "TokenStream",
     "describe_source",

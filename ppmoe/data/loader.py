@@ -86,7 +86,7 @@ def _num_samples(stream: TokenStream, seq_len: int) -> int:
     return n
 
 
-def _rank_slice(batch_size: int, dp_rank: int, dp_size: int) -> slice:
+def rank_slice(batch_size: int, dp_rank: int, dp_size: int) -> slice:
     """This rank's contiguous part of a global batch."""
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank must be in [0, {dp_size}), got {dp_rank}")
@@ -128,7 +128,7 @@ class BatchLoader:
         self.stream = TokenStream(dataset_dir, split)
         self.seq_len, self.global_batch_size, self.seed = seq_len, global_batch_size, seed
         self.num_samples = _num_samples(self.stream, seq_len)
-        self._rows = _rank_slice(global_batch_size, dp_rank, dp_size)
+        self._rows = rank_slice(global_batch_size, dp_rank, dp_size)
         self.epoch = 0
         self.position = 0  # samples of the current epoch already handed out
         self._perm_epoch, self._perm = -1, np.empty(0, dtype=np.int64)
@@ -151,6 +151,13 @@ class BatchLoader:
             if self.position == self.num_samples:
                 self.epoch, self.position = self.epoch + 1, 0
         return _to_batch(self.stream, ids[self._rows], self.seq_len)
+
+    def continue_from(self, other: "BatchLoader") -> None:
+        """Carry on where `other` (the previous stage's loader: same windows, maybe another batch size or
+        data-parallel split) stopped."""
+        if other.seq_len != self.seq_len or other.seed != self.seed:
+            raise ValueError("the stages' loaders must share one seq_len and seed")
+        self.advance(other.samples_seen)
 
     def advance(self, samples: int) -> None:
         """Skip to `samples` global samples from the start (epochs of this loader's size): where a loader
@@ -202,7 +209,7 @@ def iter_eval_batches(
     of shape [batch_size // dp_size, seq_len]."""
     stream = TokenStream(dataset_dir, split)
     num_samples = _num_samples(stream, seq_len)
-    rows = _rank_slice(batch_size, dp_rank, dp_size)
+    rows = rank_slice(batch_size, dp_rank, dp_size)
     for b in range(num_batches):
         ids = (np.arange(b * batch_size, (b + 1) * batch_size) % num_samples)[rows]
         yield _to_batch(stream, ids, seq_len)

@@ -47,3 +47,19 @@ def build_model(shape: GPTShape, seed: int, device: torch.device | str = "cpu") 
     model = GPT(shape)
     torch.random.set_rng_state(generator_state)
     return model.to(device)
+
+
+def meta_model(shape: GPTShape) -> GPT:
+    """The model's structure without storage (the meta device): for shapes and counts, never for compute."""
+    with torch.device("meta"):
+        return GPT(shape)
+
+
+def parameter_shapes(shape: GPTShape) -> dict[str, tuple[int, ...]]:
+    """{state-dict key: tensor shape} of the model: what a checkpoint of it holds."""
+    return {key: tuple(value.shape) for key, value in meta_model(shape).state_dict().items()}
+
+
+def count_parameters(shape: GPTShape) -> int:
+    """Parameters of the whole model (a tied embedding counted once)."""
+    return sum(p.numel() for p in meta_model(shape).parameters())

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -45,6 +46,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.random.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def require_complete(path: Path) -> None:
+    if not (path / ".metadata").is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no .metadata); "
+                                f"point train.resume at a step_* directory")
 
 
 class CheckpointManager:
@@ -84,24 +91,30 @@ class CheckpointManager:
         dist.barrier()
         return final
 
-    def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             trainer_template: dict) -> dict:
-        """Restore model and optimizer in place (resharding to the current layout) and return the
-        trainer state that was saved; `trainer_template` has the same keys (DCP loads by key)."""
-        if not (path / ".metadata").is_file():
-            raise FileNotFoundError(f"{path} is not a complete checkpoint (no .metadata); "
-                                    f"point train.resume at a step_* directory")
+    def load_weights(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                     moments_only: bool = False) -> None:
+        """Restore the model (and the optimizer, when given) in place from `path`, resharding to the current
+        layout. `moments_only`: the checkpoint holds optimizer state but no param_groups (a grown
+        checkpoint): the optimizer keeps its own groups (lr, betas, decay come from the config anyway)."""
+        require_complete(path)
+        if optimizer is None:
+            model_sd = get_model_state_dict(model)
+            dcp.load({"model": model_sd}, checkpoint_id=str(path), no_dist=self.no_dist)
+            set_model_state_dict(model, model_sd)
+            return
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd, "trainer": trainer_template}
-        dcp.load(state, checkpoint_id=str(path), no_dist=self.no_dist)
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        wanted = {"state": optim_sd["state"]} if moments_only else optim_sd
+        dcp.load({"model": model_sd, "optim": wanted}, checkpoint_id=str(path), no_dist=self.no_dist)  # in place
+        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+
+    def restore_rng(self, path: Path) -> None:
         rng_file = path / "rng" / f"rank{self.rank}.pt"
         if rng_file.is_file():  # absent when resuming at another world size: keep the fresh seed
             set_rng_state(torch.load(rng_file, weights_only=False))
-        return state["trainer"]
 
     def read_trainer_state(self, path: Path, trainer_template: dict) -> dict:
         """Only the trainer state of a checkpoint (step, data position, ...), without touching the model."""
+        require_complete(path)
         state = {"trainer": trainer_template}
         dcp.load(state, checkpoint_id=str(path), no_dist=self.no_dist)
         return state["trainer"]

@@ -20,8 +20,8 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def format_line(m: dict[str, Any], total_steps: int) -> str:
-    """One console line: step, loss, lr, grad norm, tokens/s, MFU (if known), memory, val loss."""
+def format_line(m: dict[str, Any], total_steps: int, show_stage: bool = False) -> str:
+    """One console line: step, (stage,) loss, lr, grad norm, tokens/s, MFU (if known), memory, val loss."""
     parts = [f"step {m['step']:>6}/{total_steps}", f"loss {m['loss']:.4f}", f"lr {m['lr']:.2e}",
              f"grad {m['grad_norm']:.3f}", f"tok/s {m['tokens_per_sec']:,.0f}"]
     if m.get("mfu") is not None:
@@ -34,9 +34,23 @@ def format_line(m: dict[str, Any], total_steps: int) -> str:
         parts.append(f"val {m['val_loss']:.4f}")
     if "val_patch_loss" in m:
         parts.append(f"val(patch) {m['val_patch_loss']:.4f}")
-    if m.get("phase") == "patch":
+    if m.get("phase") == "patch" and not (show_stage and m.get("stage") == "patch"):
         parts.insert(1, "patch")
+    if show_stage and "stage" in m:
+        parts.insert(1, m["stage"])
     return " | ".join(parts)
+
+
+def format_boundary(m: dict[str, Any]) -> str:
+    """A stage boundary: what grew, the probe loss just before and after, and what it cost."""
+    line = (f"step {m['step']}: stage {m['from_stage']} -> {m['to_stage']}"
+            f"{' (growth)' if m['event'] == 'growth' else ''} | params {m['params_before']:,} -> {m['params_after']:,} | "
+            f"probe loss {m['probe_loss_before']:.4f} -> {m['probe_loss_after']:.4f} "
+            f"({m['probe_loss_after'] - m['probe_loss_before']:+.4f})")
+    if "exact" in m:
+        line += f" | {'function-preserving' if m['exact'] else 'not function-preserving'}, " \
+                f"transform {m['transform_s']:.2f} s"
+    return line + f" | boundary {m['boundary_s']:.2f} s"
 
 
 class WandbSink:
@@ -64,9 +78,11 @@ class MetricsLogger:
     """Rank 0 writes; the other ranks' calls do nothing. metrics.jsonl is appended to, so a resumed
     run continues the same file (a step logged twice after a crash: the later record wins)."""
 
-    def __init__(self, cfg: ExperimentConfig, run_dir: Path, is_main: bool):
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path, is_main: bool, total_steps: int | None = None,
+                 show_stage: bool = False):
         self.is_main = is_main
-        self.total_steps = cfg.train.steps
+        self.total_steps = cfg.train.steps if total_steps is None else total_steps
+        self.show_stage = show_stage
         self.path = run_dir / "metrics.jsonl"
         self.sinks = [WandbSink(cfg, run_dir)] if (is_main and cfg.logging.wandb) else []
 
@@ -78,7 +94,9 @@ class MetricsLogger:
         for sink in self.sinks:
             sink.log(record)
         if "loss" in record:
-            print(format_line(record, self.total_steps), flush=True)
+            print(format_line(record, self.total_steps, self.show_stage), flush=True)
+        elif "event" in record:
+            print(format_boundary(record), flush=True)
         else:
             print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()), flush=True)
 

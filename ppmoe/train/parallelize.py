@@ -13,7 +13,7 @@ from ..config import ExperimentConfig
 from ..model.gpt import GPT
 from ..parallel import ParallelDims, apply_data_parallel, apply_expert_layout, apply_tensor_parallel
 from ..parallel.pipeline import StageUnion, build_schedule, split_for_pipeline
-from .loss import LossFunction
+from ..model.loss import LossFunction
 from .runner import PipelineRunner, SingleStageRunner
 
 

@@ -13,7 +13,7 @@ from typing import Callable, ContextManager
 import torch
 import torch.nn as nn
 
-from .loss import LossFunction, scalar_value
+from ..model.loss import LossFunction, scalar_value
 from .moe_metrics import commit_moe_stats
 from .step import forward_backward
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from ..parallel import set_gradient_sync
-from .loss import LossFunction, scalar_value
+from ..model.loss import LossFunction, scalar_value
 
 
 def autocast_factory(device: torch.device, dtype: str) -> Callable[[], ContextManager]:

@@ -1,7 +1,10 @@
-"""The training loop: build (mesh, model, parallelism, optimizer, data), resume, step, log, checkpoint."""
+"""The training loop: plan the stages, build the current one, resume, step, log, checkpoint, and at each
+stage boundary hand over to the next stage through a checkpoint."""
 
 from __future__ import annotations
 
+import gc
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,23 +12,21 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from patchtrain import Phase, build_plan
-from patchtrain.loader import PhaseAlignedLoader
-from patchtrain.phase_io import PhaseIO, phase_io
-
-from ..config import ExperimentConfig, save_config, validate
-from ..data import BatchLoader, iter_eval_batches, read_meta
-from ..model import build_model, model_shape, peak_flops_per_device, training_flops_per_token
-from ..parallel import (ParallelDims, Runtime, clip_grad_norm,
-                        init_distributed)
+from ..config import ExperimentConfig, check_growth, save_config, validate
+from ..data import iter_eval_batches, read_meta
+from ..growth import GrowthSpec, grow_checkpoint
+from ..model import count_parameters, peak_flops_per_device
+from ..parallel import clip_grad_norm, init_distributed
+from ..parallel.distributed import Runtime
 from .checkpoint import CheckpointManager
-from .loss import build_loss
 from .metrics import MetricsLogger, peak_memory_gib
-from .moe_metrics import MoEMonitor, set_aux_loss_scale
-from .optim import build_optimizer, materialize_state, set_lr
+from .optim import set_lr
+from .plan import Stage, build_stage_plan, describe
 from .signals import StopRequest
-from .parallelize import parallelize
-from .step import autocast_factory
+from .stage_runtime import MeshCache, StageRuntime, build_loader, build_stage_runtime
+
+# A growth whose operators all preserve the function should leave the probe loss where it was.
+EXACT_PROBE_TOLERANCE = 1e-4
 
 
 @dataclass
@@ -45,93 +46,44 @@ class Trainer:
 
     def __init__(self, cfg: ExperimentConfig, runtime: Runtime | None = None):
         self.rt = runtime or init_distributed()
-        dp = validate(cfg, self.rt.world_size)
+        validate(cfg, self.rt.world_size)
         self.cfg = cfg
-        self.dims = ParallelDims(tp=cfg.parallel.tp, pp=cfg.parallel.pp, dp=dp, world_size=self.rt.world_size)
-        self.mesh = self.dims.build_mesh(self.rt.device.type)
-        self.dp_mesh, self.tp_mesh = self.mesh["dp"], self.mesh["tp"]
         self.run_dir = Path(cfg.output_dir)
         if self.rt.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
-
         meta = read_meta(cfg.data.dataset_dir)
-        self.shape = model_shape(cfg, meta["vocab_size"], self.rt.device.type)
-        self.autocast = autocast_factory(self.rt.device, cfg.train.dtype)
-        self.plan = build_plan(cfg)
-        # `model`: this rank's parameters (all layers, or its pipeline stages) under the full model's names.
-        # The runner's loss is the first phase's, set in enter_phase.
-        self.model, self.runner = parallelize(build_model(self.shape, cfg.train.seed, self.rt.device), cfg,
-                                              self.dims, self.mesh, self.rt.device, build_loss(self.dims.tp),
-                                              self.autocast)
-        self.optimizer = build_optimizer(self.model, cfg.train, self.rt.device)
-        self.pp_group = self.mesh["pp"].get_group() if self.dims.pp > 1 else None
-
-        t = cfg.train
-        self.local_batch = t.global_batch_size // dp
-        set_aux_loss_scale(self.model, t.micro_batch_size / self.local_batch)
-        moe_ids = [i for i in range(self.shape.n_layers) if self.shape.is_moe_layer(i)]
-        self.moe = MoEMonitor(self.model.layers, moe_ids, self.shape.moe.num_experts if self.shape.moe else 0,
-                              self.pp_group, self.dp_mesh.get_group(), cfg.moe.imbalance_warn_ratio,
-                              cfg.moe.imbalance_warn_steps, lambda msg: self.metrics.info(msg))
-        # Both phases compute seq_len positions per sequence, so a step costs the same FLOPs in each.
-        self.flops_per_step = training_flops_per_token(self.shape, t.seq_len) * t.global_batch_size * t.seq_len
-        self.peak_flops = peak_flops_per_device(t.peak_flops)
+        self.plan = build_stage_plan(cfg, meta["vocab_size"], self.rt.device.type)
+        self.meshes = MeshCache(self.rt.world_size, self.rt.device.type)
+        self.peak_flops = peak_flops_per_device(cfg.train.peak_flops)
         self.ckpt = CheckpointManager(cfg.checkpoint.dir or self.run_dir / "checkpoints", cfg.checkpoint.keep,
                                       self.rt.rank)
-        self.metrics = MetricsLogger(cfg, self.run_dir, self.rt.is_main)
+        self.metrics = MetricsLogger(cfg, self.run_dir, self.rt.is_main, self.plan.total_steps,
+                                     show_stage=len(self.plan.stages) > 1)
         self.step = 0
         self.tokens_seen = 0
         self.flops = 0.0
-        self.io: PhaseIO | None = None
-        patch_size = self.plan.phases[0].patch_size
-        self.aligned_loader = PhaseAlignedLoader(
-            cfg.data.dataset_dir, "train", t.seq_len, patch_size, t.global_batch_size, self.dp_mesh.get_local_rank(),
-            dp, t.seed) if patch_size > 1 else None
-        self.enter_phase(self.plan.phases[0])
+        self.current: StageRuntime = build_stage_runtime(self.plan, self.plan.stages[0], self.rt, self.meshes,
+                                                         self.metrics.info)
 
-    # ---- phases (patch-level training) ----------------------------------------------------------
-    def enter_phase(self, phase: Phase, samples_seen: int = 0) -> None:
-        """Wire input, loss and data for `phase` (patchtrain.phase_io). With K > 1 both phases share one
-        chunked data order (patchtrain.loader); otherwise (token-only runs, K = 1) the ordinary loader
-        continues `samples_seen` samples in."""
-        t = self.cfg.train
-        self.phase = phase
-        if self.io is not None:
-            self.io.close()
-        self.io = phase_io(phase, self.runner.parts, self.dims.tp, self.rt.device, t.seq_len)
-        self.runner.set_loss(self.io.loss_fn)
-        if self.aligned_loader is not None:  # one data order: the token phase reads what the patch phase did not
-            self.loader = self.aligned_loader
-            self.loader.set_phase(phase.name)
-        else:
-            self.loader = BatchLoader(self.cfg.data.dataset_dir, "train", self.io.window, t.global_batch_size,
-                                      self.dp_mesh.get_local_rank(), self.dims.dp, t.seed)
-            self.loader.advance(samples_seen)
-        self.tokens_per_step = t.global_batch_size * self.io.tokens_per_sequence
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.current.model
 
-    def switch_phase(self) -> None:
-        """Patch phase done: token level from here, with a fresh optimizer unless configured otherwise."""
-        previous = self.phase
-        self.enter_phase(self.plan.phase_for_step(self.step + 1), samples_seen=self.loader.samples_seen)
-        if self.cfg.patch.reset_optimizer:
-            self.optimizer = self.fresh_optimizer()
-        self.metrics.info(f"step {self.step}: {previous.name} phase done ({self.tokens_seen:,} tokens); "
-                          f"{self.phase.name} level from here"
-                          + (", fresh optimizer" if self.cfg.patch.reset_optimizer else ""))
-
-    def fresh_optimizer(self) -> torch.optim.Optimizer:
-        optimizer = build_optimizer(self.model, self.cfg.train, self.rt.device)
-        materialize_state(optimizer)  # the switch checkpoint is taken before its first step
-        return optimizer
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.current.optimizer
 
     # ---- state -------------------------------------------------------------------------------
-    def trainer_state(self) -> dict:
+    def trainer_state(self, probe_loss: float = 0.0) -> dict:
+        """`stage`: the stage whose model the checkpoint holds; `probe_loss`: at a stage boundary, the loss
+        on the fixed probe batch just before it (the growth record compares it with the grown model's)."""
         return {"step": self.step, "tokens_seen": self.tokens_seen, "flops": self.flops,
-                "data": self.loader.state_dict()}
+                "data": self.current.loader.state_dict(), "stage": self.current.stage.index,
+                "probe_loss": probe_loss}
 
-    def save(self) -> Path:
-        path = self.ckpt.save(self.step, self.model, self.optimizer, self.trainer_state())
+    def save(self, probe_loss: float = 0.0) -> Path:
+        path = self.ckpt.save(self.step, self.model, self.optimizer, self.trainer_state(probe_loss))
         self.metrics.info(f"saved checkpoint {path}")
         return path
 
@@ -140,119 +92,210 @@ class Trainer:
         if resume == "none":
             return
         path = self.ckpt.latest() if resume == "auto" else Path(resume)
-        if path is None:
+        if path is not None:
+            self.enter_from_checkpoint(path)
+            self.metrics.info(f"resumed from {path} at step {self.step}")
+
+    # ---- stages ------------------------------------------------------------------------------
+    def enter_from_checkpoint(self, path: Path) -> None:
+        """Continue from checkpoint `path`: in the stage it was saved in, or, when it was saved at the end of
+        a stage, in the next one: grow the weights (checkpoint to checkpoint, when the shapes change),
+        build the next stage's layout and load them. A boundary inside a running job goes through here
+        too, so a run killed anywhere around a boundary resumes exactly as the uninterrupted run went on."""
+        state = self.ckpt.read_trainer_state(path, self.trainer_state())
+        step = int(state["step"])
+        saved = self.plan.stages[int(state["stage"])]
+        if self.plan.stage_for_step(max(step, 1)) is not saved:
+            raise ValueError(f"{path} was saved in stage {saved.name!r} at step {step}, but this config's plan has "
+                             f"step {step} in stage {self.plan.stage_for_step(step).name!r}: the growth config "
+                             f"changed since; resume with the config the run was started with")
+        target = self.plan.stage_for_step(step + 1) if step < self.plan.total_steps else saved
+        weights, started = path, time.perf_counter()
+        report = None
+        if target is not saved and target.grows:
+            spec = GrowthSpec(saved.shape, target.shape, self.cfg.growth.ops, self.cfg.train.seed, target.name,
+                              moments=not target.reset_optimizer)
+            report = grow_checkpoint(path, spec, self.rt.rank, self.rt.world_size, self.ckpt.no_dist)
+            weights = report.path
+        if target is not self.current.stage:  # (resuming into the first stage: the fresh one is built already)
+            self.build_stage(target)
+        if target is saved or not target.reset_optimizer:
+            self.ckpt.load_weights(weights, self.model, self.optimizer, moments_only=report is not None)
+        else:
+            self.ckpt.load_weights(weights, self.model)
+        self.ckpt.restore_rng(path)
+        self.step, self.tokens_seen, self.flops = step, int(state["tokens_seen"]), float(state["flops"])
+        self.continue_data(saved, state["data"])
+        if target is not saved:
+            self.log_boundary(saved, target, float(state["probe_loss"]), report, time.perf_counter() - started)
+
+    def build_stage(self, stage: Stage) -> None:
+        """Free the current stage's model, optimizer and schedule, then build `stage`."""
+        self.current.close()
+        self.current = None
+        gc.collect()  # pipeline schedules and FSDP hold reference cycles; free the old model before the new
+        if self.rt.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.current = build_stage_runtime(self.plan, stage, self.rt, self.meshes, self.metrics.info)
+
+    def continue_data(self, saved: Stage, data_state: dict) -> None:
+        """Restore the data position saved by stage `saved` (checked against that stage's batch and windows)
+        and carry it into the current stage."""
+        if saved is self.current.stage:
+            self.current.loader.load_state_dict(data_state)
             return
-        # The saved step decides the phase, which decides the data windows and the optimizer to load into.
-        saved_step = int(self.ckpt.read_trainer_state(path, self.trainer_state())["step"])
-        phase = self.plan.phase_for_step(saved_step + 1)
-        if phase != self.phase:
-            self.enter_phase(phase)
-            if self.cfg.patch.reset_optimizer:
-                self.optimizer = self.fresh_optimizer()
-        state = self.ckpt.load(path, self.model, self.optimizer, self.trainer_state())
-        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
-        self.flops = float(state["flops"])
-        self.loader.load_state_dict(state["data"])
-        self.metrics.info(f"resumed from {path} at step {self.step}")
+        previous = build_loader(self.plan, saved, 0, 1)
+        previous.load_state_dict(data_state)
+        self.current.loader.continue_from(previous)
+
+    def probe_loss(self, stage: Stage, rows: int) -> float:
+        """Loss of the current model on the fixed probe batch (the first `rows` validation sequences) with
+        `stage`'s objective (patch size and sequence length): the same number before and after a growth."""
+        rt = self.current
+        t = rt.stage.cfg.train
+        io = rt.objective(stage.patch_size, stage.cfg.train.seq_len)
+        try:
+            return self.evaluate(io, rows // t.global_batch_size)
+        finally:
+            rt.restore(io)
+
+    def probe_rows(self, saved: Stage, target: Stage) -> int:
+        """Rows both stages can evaluate in whole global batches."""
+        return math.lcm(saved.cfg.train.global_batch_size, target.cfg.train.global_batch_size)
+
+    def log_boundary(self, saved: Stage, target: Stage, probe_before: float, report, seconds: float) -> None:
+        probe_after = self.probe_loss(saved, self.probe_rows(saved, target))
+        record = {"step": self.step, "event": "growth" if target.grows else "stage", "from_stage": saved.name,
+                  "to_stage": target.name, "params_before": count_parameters(saved.shape),
+                  "params_after": count_parameters(target.shape), "probe_loss_before": probe_before,
+                  "probe_loss_after": probe_after, "boundary_s": seconds}
+        if report is not None:
+            record.update(exact=report.exact, transform_s=report.seconds)
+        self.metrics.log(record)
+        moved = abs(probe_after - probe_before) / max(abs(probe_before), 1e-12)
+        if report is not None and report.exact and moved > EXACT_PROBE_TOLERANCE:
+            self.metrics.info(f"warning: the growth into {target.name!r} preserves the function, yet the probe loss "
+                              f"moved by {moved:.2e} relative (expected < {EXACT_PROBE_TOLERANCE:g})")
+        if report is not None and not report.exact:
+            self.metrics.info(f"growth into {target.name!r} is not function-preserving: {'; '.join(report.notes)}")
 
     # ---- loop --------------------------------------------------------------------------------
-    def validation_loss(self) -> float:
-        """Validation loss of the current phase's objective (next-patch loss in the patch phase)."""
-        t = self.cfg.train
-        batches = iter_eval_batches(self.cfg.data.dataset_dir, "val", self.io.window, t.global_batch_size,
-                                    t.val_batches, self.dp_mesh.get_local_rank(), self.dims.dp)
-        for part in self.runner.parts:
+    def evaluate(self, io, num_batches: int) -> float:
+        """Mean loss of the current model over the first `num_batches` global validation batches, read as `io`
+        windows (`io`'s objective must be the runner's)."""
+        rt, t = self.current, self.current.stage.cfg.train
+        batches = iter_eval_batches(self.cfg.data.dataset_dir, "val", io.window, t.global_batch_size, num_batches,
+                                    rt.dp_rank, rt.dims.dp)
+        for part in rt.runner.parts:
             part.eval()
-        losses = [self.runner.eval_step(*(b.to(self.rt.device) for b in self.io.to_batch(x, y))) for x, y in batches]
-        for part in self.runner.parts:
+        losses = [rt.runner.eval_step(*(b.to(self.rt.device) for b in io.to_batch(x, y))) for x, y in batches]
+        for part in rt.runner.parts:
             part.train()
+        rt.moe.reset()  # evaluation's routing is not training load
         return self.global_mean(torch.stack(losses).mean())
+
+    def validation_loss(self) -> float:
+        """Validation loss of the current stage's objective (next-patch loss in a patch stage)."""
+        return self.evaluate(self.current.io, self.current.stage.cfg.train.val_batches)
 
     def global_mean(self, value: torch.Tensor) -> float:
         """The loss of the whole global batch from per-rank values: summed over the pipeline group (only
         the last stage holds it), averaged over the data-parallel group (TP ranks already agree)."""
+        rt = self.current
         value = value.clone()
-        if self.pp_group is not None:
-            dist.all_reduce(value, group=self.pp_group)
-        if self.dims.dp > 1:
-            dist.all_reduce(value, group=self.dp_mesh.get_group())
-            value /= self.dims.dp
+        if rt.pp_group is not None:
+            dist.all_reduce(value, group=rt.pp_group)
+        if rt.dims.dp > 1:
+            dist.all_reduce(value, group=rt.dp_group)
+            value /= rt.dims.dp
         return float(value)
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """One optimizer step; returns (this rank's loss, global grad norm, lr)."""
-        t = self.cfg.train
-        inputs, targets = self.io.to_batch(*self.loader.next_batch())
-        lr = self.plan.lr(self.step + 1, t)
-        set_lr(self.optimizer, lr)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self.runner.train_step(inputs.to(self.rt.device), targets.to(self.rt.device))
-        grad_norm = clip_grad_norm(self.model.parameters(), t.grad_clip, self.pp_group)
-        self.optimizer.step()
+        rt = self.current
+        inputs, targets = rt.io.to_batch(*rt.loader.next_batch())
+        lr = self.plan.lr(self.step + 1)
+        set_lr(rt.optimizer, lr)
+        rt.optimizer.zero_grad(set_to_none=True)
+        loss = rt.runner.train_step(inputs.to(self.rt.device), targets.to(self.rt.device))
+        grad_norm = clip_grad_norm(rt.model.parameters(), rt.stage.cfg.train.grad_clip, rt.pp_group)
+        rt.optimizer.step()
         self.step += 1
-        self.tokens_seen += self.tokens_per_step
-        self.flops += self.flops_per_step
+        self.tokens_seen += rt.stage.tokens_per_step
+        self.flops += rt.stage.flops_per_step
         return loss, grad_norm, lr
 
+    def log_start(self) -> None:
+        rt, stage = self.current, self.current.stage
+        self.metrics.info(
+            f"ppmoe: {stage.shape.n_layers} layers, d_model {stage.shape.d_model}, "
+            f"{count_parameters(stage.shape):,} params | world {self.rt.world_size} = tp {rt.dims.tp} x "
+            f"pp {rt.dims.pp} x dp {rt.dims.dp} ({stage.cfg.parallel.dp_type}) | {stage.tokens_per_step:,} "
+            f"tokens/step | device {self.rt.device}")
+        if len(self.plan.stages) > 1:
+            self.metrics.info(f"plan: {self.plan.total_steps} steps in {len(self.plan.stages)} stages\n"
+                              + describe(self.plan))
+        for warning in check_growth(self.cfg):
+            self.metrics.info(f"note: {warning}")
+
     def fit(self) -> TrainResult:
-        cfg, t = self.cfg, self.cfg.train
+        cfg = self.cfg
+        total = self.plan.total_steps
         result = TrainResult()
         self.maybe_resume()
-        self.metrics.info(
-            f"ppmoe: {self.shape.n_layers} layers, d_model {self.shape.d_model}, "
-            f"{sum(p.numel() for p in self.model.parameters()):,} params | world {self.rt.world_size} "
-            f"= tp {self.dims.tp} x pp {self.dims.pp} x dp {self.dims.dp} ({cfg.parallel.dp_type}) | "
-            f"{self.tokens_per_step:,} tokens/step | device {self.rt.device}"
-        )
+        self.log_start()
         stop = StopRequest()
         run_start, window_tokens, window_time, window_steps = time.perf_counter(), 0, 0.0, 0
         window_flops = 0.0
         try:
-            while self.step < t.steps:
+            while self.step < total:
+                stage = self.current.stage
                 step_start = time.perf_counter()
                 loss, grad_norm, lr = self.train_step()
                 if self.rt.device.type == "cuda":
                     torch.cuda.synchronize()
                 window_time += time.perf_counter() - step_start
-                window_tokens += self.tokens_per_step
-                window_flops += self.flops_per_step
+                window_tokens += stage.tokens_per_step
+                window_flops += stage.flops_per_step
                 window_steps += 1
-                last = self.step == t.steps
+                last = self.step == total
+                boundary = self.step == stage.end and not last
                 record = {}
-                if self.step % t.log_every == 0 or last:
+                if self.step % cfg.train.log_every == 0 or last or boundary:
                     tokens_per_sec = window_tokens / max(window_time, 1e-9)
-                    record = {"step": self.step, "phase": self.phase.name, "loss": self.global_mean(loss), "lr": lr,
+                    record = {"step": self.step, "stage": stage.name, "phase": stage.phase,
+                              "loss": self.global_mean(loss), "lr": lr,
                               "grad_norm": float(grad_norm), "tokens_per_sec": tokens_per_sec,
                               "tokens_seen": self.tokens_seen, "flops": self.flops,
                               "mfu": (window_flops / max(window_time, 1e-9) / (self.peak_flops * self.rt.world_size)
                                       if self.peak_flops else None),
                               "memory_gib": peak_memory_gib(self.rt.device),
                               "elapsed_s": time.perf_counter() - run_start}
-                    record.update(self.moe.collect(window_steps, self.rt.device))
+                    record.update(self.current.moe.collect(window_steps, self.rt.device))
                     result.losses[self.step] = record["loss"]
                     result.tokens_per_sec = tokens_per_sec
                     window_tokens, window_time, window_steps, window_flops = 0, 0.0, 0, 0.0
-                if t.val_every and (self.step % t.val_every == 0 or last):
+                if cfg.train.val_every and (self.step % cfg.train.val_every == 0 or last):
                     record.setdefault("step", self.step)
-                    key = "val_loss" if self.phase.name == "token" else "val_patch_loss"
+                    key = "val_loss" if stage.phase == "token" else "val_patch_loss"
                     record[key] = self.validation_loss()
                     if key == "val_loss":
                         result.val_losses[self.step] = record[key]
-                    self.moe.reset()  # validation's routing is not training load
                 if record:
                     self.metrics.log(record)
-                switching = self.step == self.phase.end and not last
-                if switching:
-                    self.switch_phase()
                 stopping = stop.agreed(self.rt.device)
-                # The switch is a checkpoint boundary: a resumed run starts the token phase from here.
-                if stopping or switching or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or (
+                probe = self.probe_loss(stage, self.probe_rows(stage, self.plan.stages[stage.index + 1])) \
+                    if boundary else 0.0
+                # A stage boundary is a checkpoint: the next stage is built from it (and a resumed run too).
+                if stopping or boundary or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or (
                         last and cfg.checkpoint.save_final):
-                    result.checkpoint = self.save()
+                    result.checkpoint = self.save(probe)
                 if stopping:
                     self.metrics.info(f"stop requested: saved at step {self.step}, exiting")
                     result.stopped_by_signal = True
                     break
+                if boundary:
+                    self.enter_from_checkpoint(result.checkpoint)
         finally:
             stop.restore()
             self.metrics.close()

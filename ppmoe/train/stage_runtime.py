@@ -1,0 +1,125 @@
+"""Everything one stage trains with, built in one function: mesh, model, parallelism, runner, optimizer,
+the patch input and loss, the data loader and the MoE monitor.
+
+A stage boundary throws the runtime away and builds the next stage's from the boundary checkpoint (the
+layout may change: tp, pp and dp are per stage, the world is fixed), so the training loop never branches
+on what a stage is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, ContextManager
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from patchtrain import StageIO, stage_io
+
+from ..config import ExperimentConfig
+from ..config.validate import resolve_dp
+from ..data import BatchLoader, ChunkedLoader
+from ..model import build_model
+from ..model.loss import build_loss
+from ..parallel import ParallelDims, Runtime
+from .moe_metrics import MoEMonitor, set_aux_loss_scale
+from .optim import build_optimizer
+from .parallelize import parallelize
+from .plan import Stage, StagePlan
+from .step import autocast_factory
+
+
+class MeshCache:
+    """One device mesh per (tp, pp, dp) split: stages with the same layout share its process groups."""
+
+    def __init__(self, world_size: int, device_type: str):
+        self.world_size, self.device_type = world_size, device_type
+        self.meshes: dict[ParallelDims, DeviceMesh] = {}
+
+    def get(self, cfg: ExperimentConfig) -> tuple[ParallelDims, DeviceMesh]:
+        dims = ParallelDims(tp=cfg.parallel.tp, pp=cfg.parallel.pp, dp=resolve_dp(cfg, self.world_size),
+                            world_size=self.world_size)
+        if dims not in self.meshes:
+            self.meshes[dims] = dims.build_mesh(self.device_type)
+        return dims, self.meshes[dims]
+
+
+@dataclass
+class StageRuntime:
+    """`model`: this rank's parameters (all layers, or its pipeline stages) under the whole model's names,
+    for the optimizer and checkpoints; `runner` runs a batch's forward and backward."""
+
+    stage: Stage
+    dims: ParallelDims
+    mesh: DeviceMesh
+    model: nn.Module
+    runner: object
+    optimizer: torch.optim.Optimizer
+    io: StageIO
+    loader: BatchLoader | ChunkedLoader
+    moe: MoEMonitor
+    autocast: Callable[[], ContextManager]
+    device: torch.device
+
+    @property
+    def pp_group(self) -> dist.ProcessGroup | None:
+        return self.mesh["pp"].get_group() if self.dims.pp > 1 else None
+
+    @property
+    def dp_group(self) -> dist.ProcessGroup:
+        return self.mesh["dp"].get_group()
+
+    @property
+    def dp_rank(self) -> int:
+        return self.mesh["dp"].get_local_rank()
+
+    def objective(self, patch_size: int, seq_len: int) -> StageIO:
+        """Switch input and loss to patches of `patch_size` over `seq_len` positions (another stage's
+        objective, for the growth probe); returns the StageIO, to be closed and undone with `restore`."""
+        io = stage_io(patch_size, self.runner.parts, self.dims.tp, self.device, seq_len)
+        self.io.close()
+        self.runner.set_loss(io.loss_fn)
+        return io
+
+    def restore(self, other: StageIO) -> None:
+        other.close()
+        self.io = stage_io(self.stage.patch_size, self.runner.parts, self.dims.tp, self.device,
+                           self.stage.cfg.train.seq_len)
+        self.runner.set_loss(self.io.loss_fn)
+
+    def close(self) -> None:
+        self.io.close()
+
+
+def build_loader(plan: StagePlan, stage: Stage, dp_rank: int, dp_size: int) -> BatchLoader | ChunkedLoader:
+    """The stage's training batches, in the run's one data order (ChunkedLoader when stages read windows
+    of different lengths, else the ordinary samples, so a run without patches or growth of seq_len reads
+    exactly what a plain run reads)."""
+    t, data = stage.cfg.train, stage.cfg.data
+    if plan.chunked_data:
+        return ChunkedLoader(data.dataset_dir, "train", plan.chunk_len, stage.patch_size * (t.seq_len + 1),
+                             t.global_batch_size, dp_rank, dp_size, t.seed)
+    return BatchLoader(data.dataset_dir, "train", t.seq_len, t.global_batch_size, dp_rank, dp_size, t.seed)
+
+
+def build_stage_runtime(plan: StagePlan, stage: Stage, rt: Runtime, meshes: MeshCache, log: Callable[[str], None]
+                        ) -> StageRuntime:
+    """Build `stage` on this rank, initialised from the seed (a boundary then loads its checkpoint)."""
+    cfg, t = stage.cfg, stage.cfg.train
+    dims, mesh = meshes.get(cfg)
+    autocast = autocast_factory(rt.device, t.dtype)
+    model, runner = parallelize(build_model(stage.shape, t.seed, rt.device), cfg, dims, mesh, rt.device,
+                                build_loss(dims.tp), autocast)
+    optimizer = build_optimizer(model, t, rt.device)
+    set_aux_loss_scale(model, t.micro_batch_size / (t.global_batch_size // dims.dp))
+    io = stage_io(stage.patch_size, runner.parts, dims.tp, rt.device, t.seq_len)
+    runner.set_loss(io.loss_fn)
+    shape = stage.shape
+    moe_ids = [i for i in range(shape.n_layers) if shape.is_moe_layer(i)]
+    pp_group = mesh["pp"].get_group() if dims.pp > 1 else None
+    moe = MoEMonitor(model.layers, moe_ids, shape.moe.num_experts if shape.moe else 0, pp_group,
+                     mesh["dp"].get_group(), cfg.moe.imbalance_warn_ratio, cfg.moe.imbalance_warn_steps, log)
+    loader = build_loader(plan, stage, mesh["dp"].get_local_rank(), dims.dp)
+    return StageRuntime(stage, dims, mesh, model, runner, optimizer, io, loader, moe, autocast, rt.device)
