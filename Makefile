@@ -1,5 +1,5 @@
-# The two commands of the README: `make demo` (pretrain a small Pipeline-MoE GPT on Shakespeare with
-# tensor parallelism over 2 processes) and `make test`.
+# The two commands of the README: `make demo` (the whole recipe on Shakespeare over 2 processes: a small dense
+# GPT trained on patches, grown into a Pipeline-MoE GPT at tensor parallelism 2) and `make test`.
 # Each creates .venv and installs what it needs on first use.
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 # triton runs the GPU kernels' tests on CPU under TRITON_INTERPRET=1 (each kernel has a torch fallback).
 TRITON ?= triton==3.9.0
-DEMO_CONFIG ?= configs/tiny_moe_cpu.yaml
+DEMO_CONFIG ?= configs/tiny_growth_moe_cpu.yaml
 NPROC ?= 2
 # Threads per rank: the 2 cores of a small machine go to one rank, or one each.
 THREADS ?= $(if $(filter 1,$(NPROC)),2,1)

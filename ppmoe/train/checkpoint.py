@@ -113,11 +113,15 @@ class CheckpointManager:
             set_rng_state(torch.load(rng_file, weights_only=False))
 
     def read_trainer_state(self, path: Path, trainer_template: dict) -> dict:
-        """Only the trainer state of a checkpoint (step, data position, ...), without touching the model."""
+        """Only the trainer state of a checkpoint (step, data position, ...), without touching the model.
+        Keys the checkpoint does not hold (it was written by an older ppmoe) keep the template's values."""
         require_complete(path)
-        state = {"trainer": trainer_template}
+        stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        held = {key: value for key, value in trainer_template.items()
+                if any(name == f"trainer.{key}" or name.startswith(f"trainer.{key}.") for name in stored)}
+        state = {"trainer": held}
         dcp.load(state, checkpoint_id=str(path), no_dist=self.no_dist)
-        return state["trainer"]
+        return {**trainer_template, **state["trainer"]}
 
     def prune(self) -> None:
         if self.keep <= 0:

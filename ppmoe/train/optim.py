@@ -34,16 +34,3 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
-
-
-def materialize_state(optimizer: torch.optim.Optimizer) -> None:
-    """Create a fresh optimizer's state explicitly (zero moments, step 0) so that a checkpoint taken
-    before its first step holds every key a later load asks for. Same arithmetic as a lazily created
-    state: nothing else changes."""
-    from torch.distributed.checkpoint.state_dict import _init_optim_state
-
-    optimizer.zero_grad(set_to_none=True)  # (it initialises nothing while gradients are present)
-    _init_optim_state(optimizer)  # one step with zero gradients at lr 0
-    for state in optimizer.state.values():
-        if "step" in state:
-            state["step"].zero_() if torch.is_tensor(state["step"]) else state.update(step=0)

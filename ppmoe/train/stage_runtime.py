@@ -9,7 +9,7 @@ on what a stage is.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, ContextManager
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -60,7 +60,6 @@ class StageRuntime:
     io: StageIO
     loader: BatchLoader | ChunkedLoader
     moe: MoEMonitor
-    autocast: Callable[[], ContextManager]
     device: torch.device
 
     @property
@@ -75,18 +74,11 @@ class StageRuntime:
     def dp_rank(self) -> int:
         return self.mesh["dp"].get_local_rank()
 
-    def objective(self, patch_size: int, seq_len: int) -> StageIO:
-        """Switch input and loss to patches of `patch_size` over `seq_len` positions (another stage's
-        objective, for the growth probe); returns the StageIO, to be closed and undone with `restore`."""
-        io = stage_io(patch_size, self.runner.parts, self.dims.tp, self.device, seq_len)
+    def use_objective(self, patch_size: int, seq_len: int) -> None:
+        """Read patches of `patch_size` tokens (1: tokens) over `seq_len` positions and score them so: the
+        stage's own objective, or for the growth probe the previous stage's."""
         self.io.close()
-        self.runner.set_loss(io.loss_fn)
-        return io
-
-    def restore(self, other: StageIO) -> None:
-        other.close()
-        self.io = stage_io(self.stage.patch_size, self.runner.parts, self.dims.tp, self.device,
-                           self.stage.cfg.train.seq_len)
+        self.io = stage_io(patch_size, self.runner.parts, self.dims.tp, self.device, seq_len)
         self.runner.set_loss(self.io.loss_fn)
 
     def close(self) -> None:
@@ -122,4 +114,4 @@ def build_stage_runtime(plan: StagePlan, stage: Stage, rt: Runtime, meshes: Mesh
     moe = MoEMonitor(model.layers, moe_ids, shape.moe.num_experts if shape.moe else 0, pp_group,
                      mesh["dp"].get_group(), cfg.moe.imbalance_warn_ratio, cfg.moe.imbalance_warn_steps, log)
     loader = build_loader(plan, stage, mesh["dp"].get_local_rank(), dims.dp)
-    return StageRuntime(stage, dims, mesh, model, runner, optimizer, io, loader, moe, autocast, rt.device)
+    return StageRuntime(stage, dims, mesh, model, runner, optimizer, io, loader, moe, rt.device)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..config import ExperimentConfig, check_growth, save_config, validate
+from ..config import ConfigError, ExperimentConfig, check_growth, save_config, validate
 from ..data import iter_eval_batches, read_meta
 from ..growth import GrowthSpec, grow_checkpoint
 from ..model import count_parameters, peak_flops_per_device
@@ -102,11 +102,12 @@ class Trainer:
         a stage, in the next one: grow the weights (checkpoint to checkpoint, when the shapes change),
         build the next stage's layout and load them. A boundary inside a running job goes through here
         too, so a run killed anywhere around a boundary resumes exactly as the uninterrupted run went on."""
-        state = self.ckpt.read_trainer_state(path, self.trainer_state())
+        state = self.ckpt.read_trainer_state(path, {**self.trainer_state(), "stage": -1})
         step = int(state["step"])
-        saved = self.plan.stages[int(state["stage"])]
+        # (stage -1: a checkpoint of an older ppmoe, which did not record it; the step tells)
+        saved = self.plan.stages[int(state["stage"])] if state["stage"] >= 0 else self.plan.stage_for_step(max(step, 1))
         if self.plan.stage_for_step(max(step, 1)) is not saved:
-            raise ValueError(f"{path} was saved in stage {saved.name!r} at step {step}, but this config's plan has "
+            raise ConfigError(f"{path} was saved in stage {saved.name!r} at step {step}, but this config's plan has "
                              f"step {step} in stage {self.plan.stage_for_step(step).name!r}: the growth config "
                              f"changed since; resume with the config the run was started with")
         target = self.plan.stage_for_step(step + 1) if step < self.plan.total_steps else saved
@@ -152,12 +153,11 @@ class Trainer:
         """Loss of the current model on the fixed probe batch (the first `rows` validation sequences) with
         `stage`'s objective (patch size and sequence length): the same number before and after a growth."""
         rt = self.current
-        t = rt.stage.cfg.train
-        io = rt.objective(stage.patch_size, stage.cfg.train.seq_len)
+        rt.use_objective(stage.patch_size, stage.cfg.train.seq_len)
         try:
-            return self.evaluate(io, rows // t.global_batch_size)
+            return self.evaluate(rows // rt.stage.cfg.train.global_batch_size)
         finally:
-            rt.restore(io)
+            rt.use_objective(rt.stage.patch_size, rt.stage.cfg.train.seq_len)
 
     def probe_rows(self, saved: Stage, target: Stage) -> int:
         """Rows both stages can evaluate in whole global batches."""
@@ -180,10 +180,10 @@ class Trainer:
             self.metrics.info(f"growth into {target.name!r} is not function-preserving: {'; '.join(report.notes)}")
 
     # ---- loop --------------------------------------------------------------------------------
-    def evaluate(self, io, num_batches: int) -> float:
-        """Mean loss of the current model over the first `num_batches` global validation batches, read as `io`
-        windows (`io`'s objective must be the runner's)."""
-        rt, t = self.current, self.current.stage.cfg.train
+    def evaluate(self, num_batches: int) -> float:
+        """Mean loss of the current model over the first `num_batches` global validation batches, with the
+        objective in use (the stage's, or the previous stage's for the growth probe)."""
+        rt, t, io = self.current, self.current.stage.cfg.train, self.current.io
         batches = iter_eval_batches(self.cfg.data.dataset_dir, "val", io.window, t.global_batch_size, num_batches,
                                     rt.dp_rank, rt.dims.dp)
         for part in rt.runner.parts:
@@ -196,7 +196,7 @@ class Trainer:
 
     def validation_loss(self) -> float:
         """Validation loss of the current stage's objective (next-patch loss in a patch stage)."""
-        return self.evaluate(self.current.io, self.current.stage.cfg.train.val_batches)
+        return self.evaluate(self.current.stage.cfg.train.val_batches)
 
     def global_mean(self, value: torch.Tensor) -> float:
         """The loss of the whole global batch from per-rank values: summed over the pipeline group (only
