@@ -113,6 +113,14 @@ def test_growth_in_any_layout_matches_one_process(layout, reference, tiny_datase
     for step in range(1, STEPS + 1):
         assert parallel[step] == pytest.approx(expected[step], rel=1e-5), (layout, step)
     assert records(tmp_path)[BOUNDARY]["event"] == "growth"
+    # the grown checkpoint this layout wrote holds the one-process run's grown tensors, up to what 4 Adam
+    # steps of the small model made of fp32 rounding (a few elements, at ~2e-4 of the tensor's largest entry)
+    grown = f"checkpoints/step_{BOUNDARY:08d}/{GROWN_DIR}"
+    here, there = read_checkpoint(tmp_path / grown), read_checkpoint(out / grown)
+    assert here.keys() == there.keys() and any(k.startswith("model.layers.3.") for k in here)
+    for key, expected in there.items():
+        torch.testing.assert_close(here[key], expected, rtol=0, atol=GRAD_TOL * expected.abs().max().item(),
+                                   msg=lambda m: f"{layout} grown {key}: {m}")
     assert got.keys() == grads.keys()
     for name, g in grads.items():
         # The grown stage's fresh AdamW takes its first step at full learning rate, and Adam's first update is
