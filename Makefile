@@ -27,7 +27,7 @@ $(VENV)/.installed: setup.py
 
 demo: venv
 	OMP_NUM_THREADS=2 $(PY) -m ppmoe prepare $(DEMO_CONFIG)
-	OMP_NUM_THREADS=$(THREADS) $(PY) -m torch.distributed.run --standalone \
+	OMP_NUM_THREADS=$(THREADS) TORCH_ELASTIC_SHUTDOWN_TIMEOUT=600 $(PY) -m torch.distributed.run --standalone \
 		--nproc-per-node $(NPROC) -m ppmoe train $(DEMO_CONFIG)
 
 test: venv

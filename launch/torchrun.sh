@@ -15,4 +15,7 @@ default_python=python3
 PYTHON=${PYTHON:-$default_python}
 # One intra-op thread per rank unless told otherwise: ranks share the node's cores.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# Ctrl-C / SIGTERM to torchrun: it forwards the signal and the ranks finish their step and save; torchrun
+# kills them after this many seconds (its default, 30, can cut a large checkpoint short).
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}
 exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$nproc" -m ppmoe train "$config" "$@"

@@ -1,4 +1,10 @@
-"""Command line: `python -m ppmoe {train,prepare,config} ...` (also installed as `ppmoe`)."""
+"""Command line: `python -m ppmoe {train,prepare,config,slurm} ...` (also installed as `ppmoe`).
+
+Errors a user can fix (a ConfigError, any ppmoe.errors.PpmoeError, bad input met while preparing a
+dataset) are printed as one line, `ppmoe: ...`, on stderr, with the error's exit code and no
+traceback. The heavy modules (torch, the trainer, the data pipeline) are imported inside the commands
+that need them, so `ppmoe config` and a refused config answer quickly.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,18 @@ import argparse
 import sys
 
 from .config import ConfigError, load_config
+from .errors import DataError, PpmoeError
+
+INTERRUPTED_EXIT_CODE = 130  # the shell's 128 + SIGINT
+CONFIG_ERROR_EXIT_CODE = 2
+
+
+def add_overrides_argument(parser: argparse.ArgumentParser) -> None:
+    """--set KEY=VALUE ...: repeatable; every occurrence adds to the list (applied in order), so
+    `--set a=1 --set b=2` applies both (with plain nargs="+" the last --set silently replaced the rest)."""
+    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="override config keys, applied in order, e.g. --set train.lr=3e-4 parallel.tp=2; "
+                             "repeatable; a mapping merges into a section: --set 'model={n_layers: 2}'")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -15,8 +33,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                             ("prepare", "tokenize the config's data source into memory-mapped shards")]:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("config", help="YAML experiment config (see configs/)")
-        p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
-                       help="override config keys, e.g. --set train.lr=3e-4 parallel.tp=2")
+        add_overrides_argument(p)
         if name == "prepare":
             p.add_argument("--overwrite", action="store_true", help="rebuild an existing prepared dataset")
     sub.add_parser("config", help="print the config reference (every key, its default and meaning)")
@@ -34,7 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     slurm.add_argument("--python", default="python", help="interpreter on the compute nodes")
     slurm.add_argument("--workdir", default=".", help="directory the job runs in (the repository)")
     slurm.add_argument("--log-dir", default="logs")
-    slurm.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides")
+    add_overrides_argument(slurm)
     slurm.add_argument("--out", help="write the script here instead of standard output")
     return parser.parse_args(argv)
 
@@ -45,7 +62,11 @@ def write_slurm_script(args: argparse.Namespace) -> int:
     from .launch.slurm import SlurmJob, render
 
     fields = {k: v for k, v in vars(args).items() if k not in ("command", "out")}
-    script = render(SlurmJob(**fields))
+    try:
+        job = SlurmJob(**fields)
+    except ValueError as e:  # a flag out of range; the message names it
+        return report(str(e), CONFIG_ERROR_EXIT_CODE)
+    script = render(job)
     if args.out:
         Path(args.out).write_text(script)
         print(f"wrote {args.out}: sbatch {args.out}")
@@ -54,30 +75,68 @@ def write_slurm_script(args: argparse.Namespace) -> int:
     return 0
 
 
+def prepare(cfg, overwrite: bool) -> int:
+    """`ppmoe prepare`. What the data pipeline raises about its input (no documents, a pattern that
+    matches nothing, a file that is not UTF-8, a missing column or package, a directory it refuses to
+    replace, a disk that fills up) becomes a DataError naming the dataset directory."""
+    from .data import prepare_dataset
+
+    try:
+        prepare_dataset(cfg.data, overwrite=overwrite)
+    except ConfigError:
+        raise  # a ValueError too, but reported as a config error
+    except (ValueError, KeyError, OSError, ImportError) as e:
+        raise DataError(f"cannot prepare data.dataset_dir={cfg.data.dataset_dir}: {error_text(e)}") from e
+    return 0
+
+
+def train(cfg) -> int:
+    from .parallel import shutdown
+    from .train import Trainer
+
+    try:
+        Trainer(cfg).fit()
+    finally:
+        shutdown()
+    return 0
+
+
+def error_text(error: BaseException) -> str:
+    """The message of `error` (a KeyError's str() is the repr of its argument, quotes included)."""
+    if isinstance(error, KeyError) and error.args:
+        return str(error.args[0])
+    return str(error) or type(error).__name__
+
+
+def report(message: str, exit_code: int) -> int:
+    """Print `ppmoe: message` to stderr; return the exit code."""
+    print(f"ppmoe: {message}", file=sys.stderr)
+    return exit_code
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "config":
+        from .config.docs import reference_markdown
+        print(reference_markdown())
+        return 0
+    cfg = load_config(args.config, args.overrides)
+    if args.command == "slurm":
+        return write_slurm_script(args)
+    if args.command == "prepare":
+        return prepare(cfg, args.overwrite)
+    return train(cfg)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        if args.command == "config":
-            from .config.docs import reference_markdown
-            print(reference_markdown())
-            return 0
-        cfg = load_config(args.config, args.overrides)
-        if args.command == "slurm":
-            return write_slurm_script(args)
-        if args.command == "prepare":
-            from .data import prepare_dataset
-            prepare_dataset(cfg.data, overwrite=args.overwrite)
-            return 0
-        from .parallel import shutdown
-        from .train import Trainer
-        try:
-            Trainer(cfg).fit()
-        finally:
-            shutdown()
-        return 0
+        return run(args)
     except ConfigError as e:
-        print(f"ppmoe: config error: {e}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as e:
-        print(f"ppmoe: {e}", file=sys.stderr)
-        return 2
+        return report(f"config error: {e}", CONFIG_ERROR_EXIT_CODE)
+    except PpmoeError as e:
+        return report(str(e), e.exit_code)
+    except FileNotFoundError as e:  # a missing dataset (read_meta): its message says to run prepare
+        return report(str(e), CONFIG_ERROR_EXIT_CODE)
+    except KeyboardInterrupt:  # a second Ctrl-C (the first asks the trainer to save and stop)
+        return report("interrupted by a second Ctrl-C: not saved; train.resume=auto continues from the last "
+                      "checkpoint", INTERRUPTED_EXIT_CODE)

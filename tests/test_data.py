@@ -177,7 +177,7 @@ def test_several_shards_and_window_across_boundaries(dataset):
 def test_val_split_is_the_last_documents_and_at_least_one(tmp_path):
     docs = make_documents(n_random=3)
     write_documents(tmp_path / "docs", docs)
-    meta = prepare_dataset(files_config(tmp_path, tmp_path / "docs", val_fraction=0.0), log=lambda _: None)
+    meta = prepare_dataset(files_config(tmp_path, tmp_path / "docs", val_fraction=0.01), log=lambda _: None)
     assert meta["documents"] == {"train": len(docs) - 1, "val": 1}
     tok = load_tokenizer(tmp_path / "dataset" / "tokenizer.json")
     assert tok.decode(all_tokens(tmp_path / "dataset", "val")[:-1].tolist()) == docs[-1]

@@ -12,7 +12,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from multiproc import run_ranks, run_ranks_expecting_death
-from ppmoe.growth.transform import GROWN_DIR, MANIFEST
+from ppmoe.growth.transform import GROWN_DIR, GROWTH_MANIFEST
 from ppmoe.train.checkpoint import complete_checkpoints
 from ppmoe.train.metrics import read_metrics
 from test_parallel_equivalence import GRAD_TOL, full_grads, tiny_config
@@ -91,7 +91,7 @@ def test_growth_run_logs_stages_probe_params_and_flops(reference):
     assert flops[5] - flops[4] == pytest.approx(full.flops_per_step) and full.flops_per_step > 3 * small.flops_per_step
     assert metrics[STEPS]["loss"] < metrics[1]["loss"]
     grown = out / "checkpoints" / f"step_{BOUNDARY:08d}" / GROWN_DIR
-    assert (grown / ".metadata").is_file() and (grown / MANIFEST).is_file()
+    assert (grown / ".metadata").is_file() and (grown / GROWTH_MANIFEST).is_file()
 
 
 LAYOUTS = {

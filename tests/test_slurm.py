@@ -46,11 +46,15 @@ def test_preemption_checkpoints_requeues_and_resumes(tiny_dataset, tmp_path):
     stubs = tmp_path / "bin"
     stubs.mkdir()
     log = tmp_path / "slurm_calls.log"
-    # srun: drop its own options and run the command on this machine (one node).
-    write_stub(stubs, "srun", 'while [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    # srun: drop its own options and run the command on this machine (one node), recording its pid (the
+    # torchrun agent's, once it execs).
+    step_pid = tmp_path / "step.pid"
+    write_stub(stubs, "srun", f'while [[ "$1" == --* ]]; do shift; done\necho $$ > {step_pid}\nexec "$@"\n')
     write_stub(stubs, "scontrol", f'if [ "$1" = show ]; then echo localhost; else echo "scontrol $*" >> {log}; fi\n')
-    # scancel --signal=USR1 JOB.STEP: signal every process of the step (what slurmstepd does).
-    write_stub(stubs, "scancel", f'echo "scancel $*" >> {log}\npkill -USR1 -f -- "-m ppmoe train"\n')
+    # scancel --signal=USR1 JOB.STEP: signal every process of the step (what slurmstepd does): the agent this
+    # test started and its children, by pid (never by name: other runs on the machine are not ours).
+    write_stub(stubs, "scancel", f'echo "scancel $*" >> {log}\nagent=$(cat {step_pid})\n'
+               'for pid in $agent $(pgrep -P "$agent"); do kill -USR1 "$pid"; done\n')
 
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({

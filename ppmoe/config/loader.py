@@ -23,23 +23,26 @@ class ConfigError(ValueError):
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Build the config from defaults, then the YAML file at `path`, then `overrides`
-    (strings like 'train.lr=3e-4'; values are parsed as YAML)."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist (configs/ has the shipped examples)")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    """Build the config from defaults, then the YAML file at `path`, then `overrides` in order
+    (strings like 'train.lr=3e-4'; values are parsed as YAML; see apply_override for mappings and null)."""
+    raw = read_yaml(Path(path)) if path is not None else {}
     for item in overrides or []:
         key, value = parse_override(item)
-        set_dotted(raw, key, value)
+        apply_override(raw, key, value)
     return from_dict(ExperimentConfig, raw, prefix="")
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """The top-level mapping of the YAML file at `path` (an empty file is an empty mapping)."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (configs/ has the shipped examples)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    return raw
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -53,9 +56,91 @@ def parse_override(item: str) -> tuple[str, Any]:
         raise ConfigError(f"override {item!r}: the value is not valid YAML ({e})") from None
 
 
+def apply_override(raw: dict, key: str, value: Any) -> None:
+    """Apply one parsed override to the raw mapping (the YAML file's, or empty).
+
+    A mapping given for a section (model, growth.ops, growth.stages.N) is merged into what the section
+    already holds, key by key and nested sections too, so `--set model={n_layers: 2}` changes n_layers
+    and keeps the YAML's other model keys. A mapping for a key whose value is a mapping (the partial
+    overrides growth.stages.N.model, .moe, .train, .parallel) is merged into the mapping already there.
+    null for a section is refused: it would silently reset the whole section (YAML values included) to
+    the defaults. Anything else replaces the value and is type-checked later by from_dict.
+    """
+    merged = merged_value(schema_hint(key), get_dotted(raw, key), value, key)
+    set_dotted(raw, key, merged)
+
+
+def merged_value(hint: Any, existing: Any, value: Any, key: str) -> Any:
+    """What `key` (annotated `hint`, None where the schema does not say) holds after assigning `value`
+    over `existing` (the raw value there so far, None if absent)."""
+    if dataclasses.is_dataclass(hint):
+        if value is None:
+            raise ConfigError(
+                f"{key} is a section: null would reset all of it to the defaults, the YAML file's values "
+                f"included; set its keys one by one instead (--set {key}.KEY=VALUE), or give a mapping to "
+                f"merge into it (--set '{key}={{KEY: VALUE}}')"
+            )
+        if not isinstance(value, dict):
+            return value  # from_dict says that a section must be a mapping
+        base = existing if isinstance(existing, dict) else {}
+        fields = typing.get_type_hints(hint)
+        merged = dict(base)
+        for name, item in value.items():  # an unknown name keeps hint None; from_dict reports it
+            merged[name] = merged_value(fields.get(name), base.get(name), item, f"{key}.{name}")
+        return merged
+    if is_mapping_hint(hint) and isinstance(value, dict) and isinstance(existing, dict):
+        return {**existing, **value}
+    return value
+
+
+def is_mapping_hint(hint: Any) -> bool:
+    """Whether `hint` annotates a plain mapping (dict[str, Any]), as opposed to a section or a scalar."""
+    return hint is dict or typing.get_origin(hint) is dict
+
+
+def schema_hint(key: str) -> Any:
+    """The type annotation of dotted `key` in ExperimentConfig ('growth.stages.0' is a StageConfig);
+    None for a key the schema does not know (a typo, or a key inside a plain mapping)."""
+    hint: Any = ExperimentConfig
+    for part in key.split("."):
+        hint = without_none(hint)
+        if dataclasses.is_dataclass(hint):
+            hint = typing.get_type_hints(hint).get(part)
+        elif typing.get_origin(hint) is list and part.isdigit():
+            hint = typing.get_args(hint)[0] if typing.get_args(hint) else None
+        else:
+            return None
+        if hint is None:
+            return None
+    return hint
+
+
+def without_none(hint: Any) -> Any:
+    """Optional[X] -> X (a list or section that may also be null); other hints unchanged."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return hint
+
+
+def get_dotted(raw: dict, key: str) -> Any:
+    """The raw value at dotted `key` (numbers index lists), or None where nothing is set yet."""
+    node: Any = raw
+    for part in key.split("."):
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
+
+
 def set_dotted(raw: dict, key: str, value: Any) -> None:
     """Set `key` ('a.b.c'; a number indexes a list, as in growth.stages.0.share) in the raw mapping.
-    An index one past the end of a list appends a new element."""
+    An index one past the end of a list appends a new element. A null on the way (an empty YAML
+    section such as `growth:`) is treated as an empty section or list."""
     parts = key.split(".")
     node: Any = raw
     for depth, part in enumerate(parts):
@@ -71,12 +156,16 @@ def set_dotted(raw: dict, key: str, value: Any) -> None:
             if last:
                 node[index] = value
                 return
+            if node[index] is None:
+                node[index] = {}
             node = node[index]
         elif isinstance(node, dict):
             if last:
                 node[part] = value
                 return
-            node = node.setdefault(part, [] if parts[depth + 1].isdigit() else {})
+            if node.get(part) is None:
+                node[part] = [] if parts[depth + 1].isdigit() else {}
+            node = node[part]
         else:
             raise ConfigError(f"override {key}: {where} is not a section")
 

@@ -247,6 +247,19 @@ class TrainConfig:
     peak_flops: Optional[float] = None
     """Peak FLOP/s of one device, for MFU; null means known GPUs are looked up and MFU is not shown
     elsewhere."""
+    nonfinite: Literal["skip", "stop", "rollback"] = "skip"
+    """A step whose loss or gradient norm is not finite never updates the model, and nothing non-finite is
+    ever saved. Then: 'skip' moves on to the next batch and stops the run (non-zero exit, the step named)
+    after nonfinite_max such steps in a row; 'stop' stops at the first (Megatron-LM's default); 'rollback'
+    reloads the newest good checkpoint after nonfinite_max in a row and continues with the data after the
+    bad batches, stopping after nonfinite_max rollbacks. skip is the default: a bad batch costs one step,
+    while stopping at it makes a requeued job reload the same checkpoint and meet the same batch again."""
+    nonfinite_max: int = 5
+    """Non-finite steps in a row that 'skip' tolerates (and after which 'rollback' rolls back); rollbacks
+    'rollback' makes before it stops."""
+    loss_spike_factor: float = 1.5
+    """Log a warning when a logged loss exceeds this many times the moving average of the earlier logged
+    losses (a loss spike); 0 disables."""
 
 
 @dataclass

@@ -32,6 +32,11 @@ def check_positive(cfg: ExperimentConfig) -> None:
                        "train.grad_clip": cfg.train.grad_clip}.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
+    if cfg.train.nonfinite_max < 1:
+        raise ConfigError(f"train.nonfinite_max must be >= 1, got {cfg.train.nonfinite_max}")
+    if cfg.train.loss_spike_factor < 0 or 0 < cfg.train.loss_spike_factor <= 1:
+        raise ConfigError(f"train.loss_spike_factor must be above 1 (or 0 to disable), got "
+                          f"{cfg.train.loss_spike_factor}")
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
 

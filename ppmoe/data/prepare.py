@@ -25,7 +25,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from ppmoe.config.schema import DataConfig
+from ppmoe.config.schema import DataConfig, ExperimentConfig
+from ppmoe.config.validate import check_positive
 from ppmoe.data.loader import META_FILE, SPLITS, read_meta
 from ppmoe.data.sources import describe_source, iter_documents
 from ppmoe.data.tokenizer import eos_id, load_tokenizer, train_bpe
@@ -199,10 +200,11 @@ class ShardWriter:
 
 
 def _check_config(cfg: DataConfig) -> None:
-    if not 0.0 <= cfg.val_fraction < 1.0:
-        raise ValueError(f"data.val_fraction must be in [0, 1), got {cfg.val_fraction}")
-    if cfg.shard_tokens < 1:
-        raise ValueError(f"data.shard_tokens must be positive, got {cfg.shard_tokens}")
+    """The config's own rules for the data keys (val_fraction in (0, 1), shard_tokens and vocab_size >= 1),
+    so that `prepare` and `train` accept the same configs and say the same (a ConfigError). They live in
+    ppmoe.config.validate; checked on a config whose other sections are the defaults, which pass, so a
+    failure can only name a data.* key."""
+    check_positive(ExperimentConfig(data=cfg))
 
 
 def _num_val_docs(n_docs: int, val_fraction: float) -> int:

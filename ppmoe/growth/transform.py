@@ -4,9 +4,11 @@ No rank gathers the model (a 143B MoE with its Adam moments is terabytes). The g
 partitioned over all ranks by size; each rank reads from step_N only the source tensors of its own keys
 (DCP reads by key), builds its grown tensors with the pure operators (growth_map.py, build.py), and the
 ranks write one checkpoint together, each its own keys. It is written to grown.tmp/ and renamed to
-grown/ when complete, with a manifest of what it was grown from and how, so a killed transform is simply
-run again (it is deterministic: randomness is seeded by (seed, stage, key)) and a grown/ made by another
-growth config is never reused. The next stage then loads grown/ through DCP at its own layout.
+grown/ when complete, with growth.json (what it was grown from and how) and a manifest of its files'
+sizes and checksums (ppmoe.storage.manifest, as every checkpoint has). A killed transform is simply run
+again (it is deterministic: randomness is seeded by (seed, stage, key)); a grown/ made by another growth
+config, or damaged since, is never reused but grown again. The next stage then loads grown/ through DCP
+at its own layout.
 
 Optimizer moments (growth.optimizer: transform) are grown by the same recipes, rescaled to the grown
 gradients; the Adam step count is kept.
@@ -29,12 +31,13 @@ import torch.distributed.checkpoint as dcp
 
 from ..config import GrowthOpsConfig
 from ..model import GPTShape
+from ..storage.manifest import build_manifest, combine, files_written_by, manifest_entry, share_finding, write_manifest
 from .build import build_moment, build_weight
 from .growth_map import growth_map
 from .recipe import Recipe, growth_is_exact
 
 GROWN_DIR = "grown"
-MANIFEST = "growth.json"
+GROWTH_MANIFEST = "growth.json"  # what was grown from what, and how (the file manifest is manifest.json)
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
@@ -110,9 +113,30 @@ def grow_tensors(checkpoint: Path, spec: GrowthSpec, recipes: dict[str, Recipe],
     return out
 
 
-def grown_matches(target: Path, spec: GrowthSpec) -> bool:
-    manifest = target / MANIFEST
-    return (target / ".metadata").is_file() and manifest.is_file() and json.loads(manifest.read_text()) == spec.manifest()
+def gather(value, world_size: int) -> list:
+    """Every rank's `value` (collective)."""
+    if world_size == 1:
+        return [value]
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def grown_matches(target: Path, spec: GrowthSpec, rank: int, world_size: int) -> bool:
+    """Whether target holds this growth, intact (collective: the ranks share the checksumming)."""
+    manifest = target / GROWTH_MANIFEST
+    same = (target / ".metadata").is_file() and manifest.is_file() and json.loads(manifest.read_text()) == spec.manifest()
+    return same and combine(gather(share_finding(target, rank, world_size), world_size)).ok
+
+
+def write_file_manifest(tmp: Path, rank: int, world_size: int) -> None:
+    """The manifest of the grown checkpoint's files, each rank checksumming what it wrote (collective)."""
+    mine = {name: manifest_entry(tmp / name) for name in files_written_by(tmp, rank) if (tmp / name).is_file()}
+    if rank == 0:
+        mine[GROWTH_MANIFEST] = manifest_entry(tmp / GROWTH_MANIFEST)
+    entries = {name: entry for part in gather(mine, world_size) for name, entry in part.items()}
+    if rank == 0:
+        write_manifest(tmp, build_manifest(-1, world_size, entries))
 
 
 def publish(tmp: Path, target: Path) -> None:
@@ -129,7 +153,7 @@ def grow_checkpoint(checkpoint: Path, spec: GrowthSpec, rank: int, world_size: i
     recipes = growth_map(spec.old, spec.new, spec.ops)
     exact, notes = growth_is_exact(recipes)
     target, tmp = checkpoint / GROWN_DIR, checkpoint / f"{GROWN_DIR}.tmp"
-    if grown_matches(target, spec):  # the same file system on every rank: all agree
+    if grown_matches(target, spec, rank, world_size):
         return GrowthReport(target, 0.0, exact, notes)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # a transform killed before it finished
@@ -137,9 +161,12 @@ def grow_checkpoint(checkpoint: Path, spec: GrowthSpec, rank: int, world_size: i
     dist.barrier()
     mine = partition_keys(recipes, world_size)[rank]
     dcp.save(grow_tensors(checkpoint, spec, recipes, mine), checkpoint_id=str(tmp), no_dist=no_dist)
+    if rank == 0:
+        (tmp / GROWTH_MANIFEST).write_text(json.dumps(spec.manifest(), indent=1))
+    dist.barrier()
+    write_file_manifest(tmp, rank, world_size)
     dist.barrier()
     if rank == 0:
-        (tmp / MANIFEST).write_text(json.dumps(spec.manifest(), indent=1))
         publish(tmp, target)
     dist.barrier()
     return GrowthReport(target, time.perf_counter() - start, exact, notes)

@@ -29,6 +29,8 @@ TEMPLATE = """#!/bin/bash
 set -uo pipefail
 cd {workdir}
 export OMP_NUM_THREADS={omp_threads}
+# SIGTERM (scancel, the time limit): torchrun forwards it, the ranks save; give them the grace period.
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT={grace_s}
 head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 echo "job $SLURM_JOB_ID (restart ${{SLURM_RESTART_COUNT:-0}}) on $SLURM_JOB_NUM_NODES nodes, rendezvous $head_node:{port}"
 

@@ -8,25 +8,37 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from ..config import ConfigError, ExperimentConfig, check_growth, save_config, validate
-from ..data import iter_eval_batches, read_meta
+from ..data import (check_dataset, check_output_dir, checkpoint_bytes, iter_eval_batches, padded_model_vocab,
+                    read_meta, run_windows)
+from ..errors import NonFiniteError
 from ..growth import GrowthSpec, grow_checkpoint
 from ..model import count_parameters, peak_flops_per_device
 from ..parallel import clip_grad_norm, init_distributed
 from ..parallel.distributed import Runtime
 from .checkpoint import CheckpointManager
+from .health import LossSpikeMonitor, NonFiniteGuard, state_is_finite
 from .metrics import MetricsLogger, peak_memory_gib
 from .optim import set_lr
-from .plan import Stage, build_stage_plan, describe
+from .plan import Stage, StagePlan, build_stage_plan, describe
+from .run_dir import RunDirLock, check_resume_config, refuse_fresh_start_over_checkpoints
 from .signals import StopRequest
 from .stage_runtime import MeshCache, StageRuntime, build_loader, build_stage_runtime
 
 # A growth whose operators all preserve the function should leave the probe loss where it was.
 EXACT_PROBE_TOLERANCE = 1e-4
+
+
+class StepOutcome(NamedTuple):
+    loss: torch.Tensor  # this rank's loss
+    grad_norm: torch.Tensor  # global
+    lr: float
+    finite: bool  # False: the update was dropped (train.nonfinite)
 
 
 @dataclass
@@ -49,22 +61,59 @@ class Trainer:
         validate(cfg, self.rt.world_size)
         self.cfg = cfg
         self.run_dir = Path(cfg.output_dir)
-        if self.rt.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
-        meta = read_meta(cfg.data.dataset_dir)
-        self.plan = build_stage_plan(cfg, meta["vocab_size"], self.rt.device.type)
-        self.meshes = MeshCache(self.rt.world_size, self.rt.device.type)
-        self.peak_flops = peak_flops_per_device(cfg.train.peak_flops)
+        self.plan = self.check_inputs()  # before anything is written; the same verdict on every rank
+        self.lock = RunDirLock(self.run_dir, self.rt.rank)
+        self.lock.acquire(self.say)
         self.ckpt = CheckpointManager(cfg.checkpoint.dir or self.run_dir / "checkpoints", cfg.checkpoint.keep,
                                       self.rt.rank)
+        self.resume_from = self.checkpoint_to_resume()
+        if self.rt.is_main:  # only now: a refused start never overwrites the record of what the checkpoints hold
+            save_config(cfg, self.run_dir / "config.yaml")
+        self.meshes = MeshCache(self.rt.world_size, self.rt.device.type)
+        self.peak_flops = peak_flops_per_device(cfg.train.peak_flops)
         self.metrics = MetricsLogger(cfg, self.run_dir, self.rt.is_main, self.plan.total_steps,
                                      show_stage=len(self.plan.stages) > 1)
+        self.guard = NonFiniteGuard(cfg.train.nonfinite, cfg.train.nonfinite_max)
+        self.spikes = LossSpikeMonitor(cfg.train.loss_spike_factor)
         self.step = 0
         self.tokens_seen = 0
         self.flops = 0.0
         self.current: StageRuntime = build_stage_runtime(self.plan, self.plan.stages[0], self.rt, self.meshes,
                                                          self.metrics.info)
+
+    def check_inputs(self) -> StagePlan:
+        """The dataset (files, vocabulary, splits long enough) and the disk (writable, room for the checkpoints
+        kept), checked before any model is built; returns the plan they were checked against."""
+        cfg = self.cfg
+        windows = run_windows(cfg)
+        for note in check_dataset(cfg.data.dataset_dir, padded_model_vocab(cfg), windows,
+                                  needs_val=cfg.train.val_every > 0 or len(windows) > 1):
+            self.say(f"note: {note}")
+        plan = build_stage_plan(cfg, read_meta(cfg.data.dataset_dir)["vocab_size"], self.rt.device.type)
+        kept = cfg.checkpoint.keep + 1 if cfg.checkpoint.keep else 2  # the new one is written before pruning
+        needed = checkpoint_bytes(max(count_parameters(s.shape) for s in plan.stages), kept)
+        check_output_dir(cfg.output_dir, checkpoint_bytes(0) if cfg.checkpoint.dir else needed)
+        if cfg.checkpoint.dir:
+            check_output_dir(cfg.checkpoint.dir, needed, key="checkpoint.dir")
+        return plan
+
+    def say(self, message: str) -> None:
+        """A message from rank 0 before the metrics logger exists."""
+        if self.rt.is_main:
+            print(message, flush=True)
+
+    def checkpoint_to_resume(self) -> Path | None:
+        """train.resume: the checkpoint to continue from, checked against this config; None for a fresh start
+        (refused where another run's checkpoints are)."""
+        resume = self.cfg.train.resume
+        if resume == "none":
+            refuse_fresh_start_over_checkpoints(self.ckpt.latest(), self.run_dir)
+            return None
+        # verified against their manifests: a damaged newest checkpoint is skipped, saying why
+        path = self.ckpt.latest_good(self.say) if resume == "auto" else self.ckpt.check_explicit(resume, self.say)
+        if path is not None:
+            check_resume_config(self.run_dir, self.cfg, path)
+        return path
 
     @property
     def model(self) -> torch.nn.Module:
@@ -83,18 +132,36 @@ class Trainer:
                 "probe_loss": probe_loss}
 
     def save(self, probe_loss: float = 0.0) -> Path:
+        if not state_is_finite(self.model, self.optimizer):
+            raise NonFiniteError(f"step {self.step}: the model or optimizer state is not finite; it was not saved, "
+                                 f"and {self.last_checkpoint()} holds the last good state: lower train.lr and "
+                                 f"resume from it")
         path = self.ckpt.save(self.step, self.model, self.optimizer, self.trainer_state(probe_loss))
         self.metrics.info(f"saved checkpoint {path}")
         return path
 
+    def last_checkpoint(self) -> str:
+        newest = self.ckpt.latest()
+        return newest.name if newest is not None else "no checkpoint yet"
+
     def maybe_resume(self) -> None:
-        resume = self.cfg.train.resume
-        if resume == "none":
-            return
-        path = self.ckpt.latest() if resume == "auto" else Path(resume)
-        if path is not None:
-            self.enter_from_checkpoint(path)
-            self.metrics.info(f"resumed from {path} at step {self.step}")
+        if self.resume_from is not None:
+            self.enter_from_checkpoint(self.resume_from)
+            self.metrics.info(f"resumed from {self.resume_from} at step {self.step}")
+
+    def roll_back(self) -> None:
+        """train.nonfinite=rollback: reload the newest good checkpoint and carry on with the data after the bad
+        batches (replaying them would meet the same non-finite steps)."""
+        path = self.ckpt.latest_good(self.metrics.info)
+        if path is None:
+            raise NonFiniteError(f"step {self.step}: non-finite steps and no checkpoint to roll back to: lower "
+                                 f"train.lr or raise train.warmup_steps, and set checkpoint.every")
+        bad_step, stage, data = self.step, self.current.stage, self.current.loader.state_dict()
+        self.enter_from_checkpoint(path)
+        if self.current.stage is stage:
+            self.current.loader.load_state_dict(data)
+        self.metrics.info(f"step {bad_step}: rolled back to {path.name} (step {self.step}); the data continues after "
+                          f"the bad batches (rollback {self.guard.rollbacks} of at most {self.guard.limit})")
 
     # ---- stages ------------------------------------------------------------------------------
     def enter_from_checkpoint(self, path: Path) -> None:
@@ -210,8 +277,9 @@ class Trainer:
             value /= rt.dims.dp
         return float(value)
 
-    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """One optimizer step; returns (this rank's loss, global grad norm, lr)."""
+    def train_step(self) -> StepOutcome:
+        """One optimizer step. A non-finite global gradient norm (any rank's non-finite loss or gradients make
+        it so, the same on every rank) drops the update: the optimizer never sees it."""
         rt = self.current
         inputs, targets = rt.io.to_batch(*rt.loader.next_batch())
         lr = self.plan.lr(self.step + 1)
@@ -219,11 +287,24 @@ class Trainer:
         rt.optimizer.zero_grad(set_to_none=True)
         loss = rt.runner.train_step(inputs.to(self.rt.device), targets.to(self.rt.device))
         grad_norm = clip_grad_norm(rt.model.parameters(), rt.stage.cfg.train.grad_clip, rt.pp_group)
-        rt.optimizer.step()
+        finite = math.isfinite(float(grad_norm))
+        if finite:
+            rt.optimizer.step()
+        else:
+            rt.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += rt.stage.tokens_per_step
         self.flops += rt.stage.flops_per_step
-        return loss, grad_norm, lr
+        return StepOutcome(loss, grad_norm, lr, finite)
+
+    def after_bad_step(self, grad_norm: float) -> bool:
+        """Report a dropped update and apply train.nonfinite; True when the run rolled back."""
+        self.metrics.info(f"step {self.step}: non-finite loss or gradients (gradient norm {grad_norm}): update "
+                          f"dropped ({self.guard.in_a_row + 1} in a row)")
+        if self.guard.bad_step(self.step, grad_norm, self.last_checkpoint()) == "rollback":
+            self.roll_back()
+            return True
+        return False
 
     def log_start(self) -> None:
         rt, stage = self.current, self.current.stage
@@ -244,16 +325,22 @@ class Trainer:
         result = TrainResult()
         self.maybe_resume()
         self.log_start()
-        stop = StopRequest()
+        stop = StopRequest(announce=self.say)
         run_start, window_tokens, window_time, window_steps = time.perf_counter(), 0, 0.0, 0
         window_flops = 0.0
         try:
             while self.step < total:
                 stage = self.current.stage
                 step_start = time.perf_counter()
-                loss, grad_norm, lr = self.train_step()
+                loss, grad_norm, lr, finite = self.train_step()
                 if self.rt.device.type == "cuda":
                     torch.cuda.synchronize()
+                self.lock.refresh()
+                if finite:
+                    self.guard.good_step()
+                elif self.after_bad_step(float(grad_norm)):
+                    window_tokens, window_time, window_steps, window_flops = 0, 0.0, 0, 0.0
+                    continue
                 window_time += time.perf_counter() - step_start
                 window_tokens += stage.tokens_per_step
                 window_flops += stage.flops_per_step
@@ -272,6 +359,12 @@ class Trainer:
                               "memory_gib": peak_memory_gib(self.rt.device),
                               "elapsed_s": time.perf_counter() - run_start}
                     record.update(self.current.moe.collect(window_steps, self.rt.device))
+                    spiked_above = self.spikes.observe(record["loss"])
+                    if spiked_above is not None:
+                        record["loss_spike"] = True
+                        self.metrics.info(f"step {self.step}: loss spike: {record['loss']:.4f} against a moving "
+                                          f"average of {spiked_above:.4f} (train.loss_spike_factor="
+                                          f"{self.cfg.train.loss_spike_factor:g})")
                     result.losses[self.step] = record["loss"]
                     result.tokens_per_sec = tokens_per_sec
                     window_tokens, window_time, window_steps, window_flops = 0, 0.0, 0, 0.0
@@ -299,5 +392,6 @@ class Trainer:
         finally:
             stop.restore()
             self.metrics.close()
+            self.lock.release()
         result.last_step = self.step
         return result
