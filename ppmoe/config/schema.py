@@ -306,9 +306,11 @@ class CheckpointConfig:
     """Distributed checkpoints (torch.distributed.checkpoint), written atomically."""
 
     every: int = 0
-    """Save every this many steps; 0 saves only at the end (and on SIGTERM)."""
+    """Save every this many steps; 0 saves only at the end (and when the run is asked to stop: Ctrl-C,
+    SIGTERM, SIGUSR1)."""
     keep: int = 3
-    """Keep the newest this many checkpoints; older ones are deleted. 0 keeps all."""
+    """Keep the newest this many checkpoints; older ones are deleted, except the newest one that passes
+    its manifest. 0 keeps all."""
     dir: Optional[str] = None
     """Checkpoint directory; null means <output_dir>/checkpoints."""
     save_final: bool = True

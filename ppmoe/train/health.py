@@ -38,8 +38,9 @@ class NonFiniteGuard:
         the policy says stop."""
         self.in_a_row += 1
         where = f"step {step}: the loss or gradients are not finite (gradient norm {grad_norm})"
-        advice = (f"the last checkpoint ({last_checkpoint}) holds the last good state; lower train.lr, "
-                  f"raise train.warmup_steps or tighten train.grad_clip, then resume from it")
+        advice = (f"lower train.lr, raise train.warmup_steps or tighten train.grad_clip, then resume from the newest "
+                  f"checkpoint ({last_checkpoint}; if it meets non-finite steps again, the state was already broken "
+                  f"when it was saved: resume from an older one with train.resume=PATH)")
         if self.policy == "stop":
             raise NonFiniteError(f"{where}; stopping (train.nonfinite=stop): {advice}")
         if self.in_a_row < self.limit:

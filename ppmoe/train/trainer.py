@@ -380,8 +380,10 @@ class Trainer:
                 probe = self.probe_loss(stage, self.probe_rows(stage, self.plan.stages[stage.index + 1])) \
                     if boundary else 0.0
                 # A stage boundary is a checkpoint: the next stage is built from it (and a resumed run too).
-                if stopping or boundary or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or (
-                        last and cfg.checkpoint.save_final):
+                # No periodic save inside a run of non-finite steps: nothing changed since the last good step, and
+                # rotation would push out older checkpoints for one that may hold the state that broke.
+                periodic = cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and not self.guard.in_a_row
+                if stopping or boundary or periodic or (last and cfg.checkpoint.save_final):
                     result.checkpoint = self.save(probe)
                 if stopping:
                     self.metrics.info(f"stop requested: saved at step {self.step}, exiting")
