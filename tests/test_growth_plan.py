@@ -14,7 +14,7 @@ SMALL = "{n_layers: 2, d_model: 32, n_heads: 4, n_kv_heads: 2, ffn_hidden: 64}"
 
 
 def growth_cfg(*extra, small=SMALL, shares=(0.25, 0.75)):
-    stages = [f"growth.stages.0.name=small", f"growth.stages.0.share={shares[0]}", f"growth.stages.0.model={small}",
+    stages = ["growth.stages.0.name=small", f"growth.stages.0.share={shares[0]}", f"growth.stages.0.model={small}",
               "growth.stages.1.name=full", f"growth.stages.1.share={shares[1]}"]
     return load_config(None, [*FINAL, *stages, *extra])
 

@@ -19,7 +19,8 @@ import yaml
 
 from ppmoe.config import ConfigError, DataConfig, load_config, validate
 from ppmoe.data import (check_dataset, check_output_dir, checkpoint_bytes, iter_eval_batches, padded_model_vocab,
-                        prepare_dataset, run_windows)
+                        prepare_dataset)
+from ppmoe.train.plan import stage_windows
 from ppmoe.data import checks
 from ppmoe.errors import DataError, RunDirError
 
@@ -141,7 +142,7 @@ def test_model_vocab_smaller_than_the_tokenizer(dataset, tp):
     cfg = small_vocab_config(tp)
     model_vocab = padded_model_vocab(cfg)
     assert model_vocab == model_shape(cfg, 300).vocab_size == 256  # the embedding the model would get, any tp
-    msg = refused(dataset, model_vocab, run_windows(cfg))
+    msg = refused(dataset, model_vocab, stage_windows(cfg))
     assert msg.startswith("model.vocab_size:") and "smaller than the tokenizer's 300 tokens" in msg
     assert "set model.vocab_size to at least 300, or null to use the dataset's" in msg
 
@@ -185,10 +186,10 @@ def test_val_split_shorter_than_one_sample(dataset):
     with pytest.raises(ValueError):
         list(iter_eval_batches(dataset, "val", val_tokens, 4, 1))
     cfg = load_config(None, [f"train.seq_len={val_tokens}"])
-    msg = refused(dataset, None, run_windows(cfg))
+    msg = refused(dataset, None, stage_windows(cfg))
     assert f"the val split of {dataset} has {val_tokens} tokens, fewer than one sample of {val_tokens + 1}" in msg
     assert "data.val_fraction" in msg and "--overwrite" in msg and "train.seq_len" in msg
-    notes = check_dataset(dataset, None, run_windows(cfg), needs_val=False)  # a run that never validates
+    notes = check_dataset(dataset, None, stage_windows(cfg), needs_val=False)  # a run that never validates
     assert not any("val split" in note for note in notes)
 
 
@@ -205,14 +206,14 @@ def test_val_split_shorter_than_one_batch_is_a_note(dataset):
 
 
 @pytest.mark.parametrize("name", ["tiny_cpu", "tiny_patch_cpu", "tiny_growth_cpu"])
-def test_run_windows_are_the_plans_windows(name):
+def test_stage_windows_are_the_plans_windows(name):
     from ppmoe.train.plan import build_stage_plan
 
     cfg = load_config(REPO / "configs" / f"{name}.yaml")
     plan = build_stage_plan(cfg, 300)
-    assert run_windows(cfg) == [(s.patch_size * (s.cfg.train.seq_len + 1), s.cfg.train.global_batch_size)
+    assert stage_windows(cfg) == [(s.patch_size * (s.cfg.train.seq_len + 1), s.cfg.train.global_batch_size)
                                 for s in plan.stages]
-    assert max(length for length, _ in run_windows(cfg)) == (plan.chunk_len if plan.chunked_data
+    assert max(length for length, _ in stage_windows(cfg)) == (plan.chunk_len if plan.chunked_data
                                                              else cfg.train.seq_len + 1)
 
 

@@ -7,8 +7,7 @@
 from ppmoe.data.chunked import ChunkedLoader
 from ppmoe.data.loader import BatchLoader, TokenStream, iter_eval_batches, read_meta
 from ppmoe.data.prepare import prepare_dataset
-from ppmoe.data.checks import (check_dataset, check_output_dir, checkpoint_bytes, padded_model_vocab,
-                               run_windows)
+from ppmoe.data.checks import check_dataset, check_output_dir, checkpoint_bytes, padded_model_vocab
 from ppmoe.data.sources import describe_source, iter_documents
 from ppmoe.data.tokenizer import EOS_TOKEN, eos_id, load_tokenizer, train_bpe
 
@@ -28,6 +27,5 @@ __all__ = [
     "padded_model_vocab",
     "prepare_dataset",
     "read_meta",
-    "run_windows",
     "train_bpe",
 ]

@@ -9,7 +9,7 @@ writable, found at the first checkpoint. Each check raises a DataError or RunDir
 naming the file or config key and the fix; the command line prints it as one line.
 
 Call order in the trainer: `check_dataset(cfg.data.dataset_dir, padded_model_vocab(cfg),
-run_windows(cfg), needs_val=...)`, then `check_output_dir(cfg.output_dir, checkpoint_bytes(params))`,
+stage_windows(cfg), needs_val=...)`, then `check_output_dir(cfg.output_dir, checkpoint_bytes(params))`,
 both before the run directory is created or anything is written.
 """
 
@@ -22,10 +22,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from patchtrain.schedule import patch_phase_steps
 from tokenizers import Tokenizer
 
-from ppmoe.config import ExperimentConfig, padded_vocab_size, stage_configs
+from ppmoe.config import ExperimentConfig, padded_vocab_size
 from ppmoe.data.loader import META_FILE, SPLITS
 from ppmoe.data.prepare import TOKENIZER_FILE
 from ppmoe.errors import DataError, RunDirError
@@ -69,8 +68,8 @@ def check_dataset(dataset_dir: str | Path, model_vocab_size: int | None, windows
     `model_vocab_size`: the model's padded vocabulary (embedding rows); None when it is taken from the
     dataset (model.vocab_size: null). `windows`: (window_len, global_batch_size) of each stage, where
     window_len is the tokens the loader reads per sample (train.seq_len + 1 at token level, patch_size *
-    (seq_len + 1) in a patch stage; run_windows(cfg) gives them). `needs_val`: whether the run reads the
-    val split (train.val_every > 0, or more than one stage: the growth probe scores val batches).
+    (seq_len + 1) in a patch stage; ppmoe.train.plan.stage_windows(cfg) gives them). `needs_val`: whether
+    the run reads the val split (train.val_every > 0, or more than one stage: the growth probe scores val batches).
 
     Fatal (DataError), because a loader or the model would fail on it, or silently train wrong:
     - the directory or meta.json missing; meta.json not JSON, or a field of META_FIELDS missing or of
@@ -214,7 +213,7 @@ def check_split_sizes(directory: Path, tokens: dict[str, int], windows: list[tup
                 f"{longest} tokens (train.seq_len + 1, times the patch size in a patch stage): "
                 + ("use a larger data.val_fraction (data.val_documents when streaming) and "
                    if split == "val" else "prepare more documents and ")
-                + f"re-prepare with `python -m ppmoe prepare CONFIG --overwrite`, or lower train.seq_len"
+                + "re-prepare with `python -m ppmoe prepare CONFIG --overwrite`, or lower train.seq_len"
             )
     return [note for split in splits for note in batch_notes(directory, split, tokens[split], windows)]
 
@@ -260,20 +259,6 @@ def largest_token_id(shard: np.ndarray, complete: bool) -> int:
 
 
 # ---- what the run reads, from its config ----------------------------------------------------------
-
-def run_windows(cfg: ExperimentConfig) -> list[tuple[int, int]]:
-    """(window_len, global_batch_size) of each stage the run's plan has, in order: the tokens a loader
-    reads per sample (patch_size * (seq_len + 1)) and the sequences per batch. A growth run has one per
-    growth.stages entry, a patch.* run a patch and a token stage, any other run one."""
-    if cfg.growth.stages:
-        return [(stage.patch_size * (c.train.seq_len + 1), c.train.global_batch_size)
-                for stage, c in zip(cfg.growth.stages, stage_configs(cfg))]
-    t, patch = cfg.train, cfg.patch
-    token = (t.seq_len + 1, t.global_batch_size)
-    if patch_phase_steps(t.steps, patch.size, patch.fraction):
-        return [(patch.size * (t.seq_len + 1), t.global_batch_size), token]
-    return [token]
-
 
 def padded_model_vocab(cfg: ExperimentConfig) -> int | None:
     """The model's embedding rows when model.vocab_size is set (padded up to model.vocab_multiple, as

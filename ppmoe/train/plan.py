@@ -106,6 +106,22 @@ def make_stage(index: int, name: str, start: int, steps: int, cfg: ExperimentCon
                  flops_per_step(cfg, shape), cfg.train.global_batch_size * cfg.train.seq_len * patch_size)
 
 
+def stage_layouts(cfg: ExperimentConfig) -> list[tuple[str, ExperimentConfig, int]]:
+    """(name, config, patch size) of each stage, in order (see the module docstring): what the stages are,
+    before their steps and shapes (which need the dataset's vocabulary) are worked out."""
+    if cfg.growth.stages:
+        return [(s.name, c, s.patch_size) for s, c in zip(cfg.growth.stages, stage_configs(cfg))]
+    t, p = cfg.train, cfg.patch
+    if patch_phase_steps(t.steps, p.size, p.fraction):
+        return [("patch", cfg, p.size), ("token", cfg, 1)]
+    return [("main", cfg, 1)]
+
+
+def stage_windows(cfg: ExperimentConfig) -> list[tuple[int, int]]:
+    """(tokens a loader reads per sample, sequences per batch) of each stage: what the data must hold."""
+    return [(k * (c.train.seq_len + 1), c.train.global_batch_size) for _, c, k in stage_layouts(cfg)]
+
+
 def build_stage_plan(cfg: ExperimentConfig, vocab_size: int | None, device_type: str = "cpu") -> StagePlan:
     """The run's stages (see the module docstring); `vocab_size` from the prepared dataset fills a null
     model.vocab_size. Raises ConfigError when a share is too small to get a step."""
@@ -116,10 +132,11 @@ def build_stage_plan(cfg: ExperimentConfig, vocab_size: int | None, device_type:
 
 def patch_plan(cfg: ExperimentConfig, shape: GPTShape) -> StagePlan:
     t, p = cfg.train, cfg.patch
-    patch_steps = patch_phase_steps(t.steps, p.size, p.fraction)
-    if not patch_steps:
+    layouts = stage_layouts(cfg)
+    if len(layouts) == 1:
         return StagePlan((make_stage(0, "main", 0, t.steps, cfg, shape, 1, t.warmup_steps, False, False),),
                          "global", 0)
+    patch_steps = patch_phase_steps(t.steps, p.size, p.fraction)
     token_warmup = t.warmup_steps if p.token_warmup_steps is None else p.token_warmup_steps
     stages = (make_stage(0, "patch", 0, patch_steps, cfg, shape, p.size, t.warmup_steps, False, False, "patch"),
               make_stage(1, "token", patch_steps, t.steps - patch_steps, cfg, shape, 1, token_warmup, False,
@@ -139,9 +156,9 @@ def stage_costs(split: str, configs: list[ExperimentConfig], shapes: list[GPTSha
 
 def growth_plan(cfg: ExperimentConfig, vocab_size: int | None, device_type: str) -> StagePlan:
     growth = cfg.growth
-    configs = stage_configs(cfg)
+    layouts = stage_layouts(cfg)
+    configs, patch_sizes = [c for _, c, _ in layouts], [k for _, _, k in layouts]
     shapes = [model_shape(c, vocab_size, device_type) for c in configs]
-    patch_sizes = [s.patch_size for s in growth.stages]
     costs = stage_costs(growth.split, configs, shapes, patch_sizes)
     budget = cfg.train.steps * costs[-1]  # train.steps steps of the final stage
     steps, spent = [], 0.0
@@ -156,11 +173,10 @@ def growth_plan(cfg: ExperimentConfig, vocab_size: int | None, device_type: str)
         spent += count * costs[index]
     param_shapes = [parameter_shapes(s) for s in shapes]
     stages, start = [], 0
-    for index, stage in enumerate(growth.stages):
+    for index, (name, config, patch_size) in enumerate(layouts):
         grows = index > 0 and param_shapes[index] != param_shapes[index - 1]
-        stages.append(make_stage(index, stage.name, start, steps[index], configs[index], shapes[index],
-                                 stage.patch_size, configs[index].train.warmup_steps, grows,
-                                 index > 0 and growth.optimizer == "reset"))
+        stages.append(make_stage(index, name, start, steps[index], config, shapes[index], patch_size,
+                                 config.train.warmup_steps, grows, index > 0 and growth.optimizer == "reset"))
         start += steps[index]
     rewarm = cfg.train.warmup_steps if growth.rewarm_steps is None else growth.rewarm_steps
     return StagePlan(tuple(stages), growth.schedule, rewarm)

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from ..config import ConfigError, ExperimentConfig, check_growth, save_config, validate
 from ..data import (check_dataset, check_output_dir, checkpoint_bytes, iter_eval_batches, padded_model_vocab,
-                    read_meta, run_windows)
+                    read_meta)
 from ..errors import NonFiniteError
 from ..growth import GrowthSpec, grow_checkpoint
 from ..model import count_parameters, peak_flops_per_device
@@ -25,7 +25,7 @@ from .checkpoint import CheckpointManager
 from .health import LossSpikeMonitor, NonFiniteGuard, state_is_finite
 from .metrics import MetricsLogger, peak_memory_gib
 from .optim import set_lr
-from .plan import Stage, StagePlan, build_stage_plan, describe
+from .plan import Stage, StagePlan, build_stage_plan, describe, stage_windows
 from .run_dir import RunDirLock, check_resume_config, refuse_fresh_start_over_checkpoints
 from .signals import StopRequest
 from .stage_runtime import MeshCache, StageRuntime, build_loader, build_stage_runtime
@@ -85,7 +85,7 @@ class Trainer:
         """The dataset (files, vocabulary, splits long enough) and the disk (writable, room for the checkpoints
         kept), checked before any model is built; returns the plan they were checked against."""
         cfg = self.cfg
-        windows = run_windows(cfg)
+        windows = stage_windows(cfg)
         for note in check_dataset(cfg.data.dataset_dir, padded_model_vocab(cfg), windows,
                                   needs_val=cfg.train.val_every > 0 or len(windows) > 1):
             self.say(f"note: {note}")
