@@ -83,7 +83,7 @@ def reference(tiny_dataset, tmp_path_factory):
 
 
 # Pipeline-MoE in the model: 4 experts, top-2, a shared expert, MoE in every layer.
-MOE = ["moe.num_experts=4", "moe.top_k=2", "moe.shared_expert_hidden=32", "moe.dispatcher=pipeline"]
+MOE = ["moe.num_experts=4", "moe.top_k=2", "moe.shared_expert_hidden=32", "moe.dispatcher=experts_in_tp"]
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """Experiment configuration: schema, loading with overrides, validation."""
 
+from .layout import BatchLayout, ParallelDims, resolve_layout
 from .loader import ConfigError, load_config, save_config, to_dict
 from .schema import (CheckpointConfig, DataConfig, ExperimentConfig, GrowthConfig, GrowthOpsConfig, LoggingConfig,
                      ModelConfig, MoEConfig, ParallelConfig, PatchConfig, StageConfig, TrainConfig)
@@ -9,7 +10,7 @@ from .validate import validate
 from .growth_rules import check_growth
 
 __all__ = [
-    "ConfigError", "load_config", "stage_configs", "check_growth", "save_config", "to_dict", "validate", "derived_ffn_hidden",
+    "BatchLayout", "ParallelDims", "resolve_layout", "ConfigError", "load_config", "stage_configs", "check_growth", "save_config", "to_dict", "validate", "derived_ffn_hidden",
     "padded_vocab_size", "ExperimentConfig", "ModelConfig", "ParallelConfig", "TrainConfig", "DataConfig",
     "CheckpointConfig", "LoggingConfig", "MoEConfig", "PatchConfig", "GrowthConfig", "GrowthOpsConfig", "StageConfig",
 ]

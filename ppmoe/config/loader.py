@@ -10,12 +10,13 @@ import dataclasses
 import difflib
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .schema import ExperimentConfig
+from .schema import RENAMED_VALUES, ExperimentConfig
 
 
 class ConfigError(ValueError):
@@ -186,11 +187,23 @@ def from_dict(cls: type, raw: dict, prefix: str):
     values = {}
     for name, value in raw.items():
         hint = hints[name]
+        value = renamed_value(fields[name], value, f"{prefix}{name}")
         if dataclasses.is_dataclass(hint):
             values[name] = from_dict(hint, {} if value is None else value, prefix=f"{prefix}{name}.")
         else:
             values[name] = coerce(value, hint, f"{prefix}{name}")
     return cls(**values)
+
+
+def renamed_value(field: dataclasses.Field, value: Any, key: str) -> Any:
+    """The current name of a choice an older release called `value` (schema RENAMED_VALUES), with a
+    deprecation message; any other value unchanged."""
+    renamed = field.metadata.get(RENAMED_VALUES, {})
+    if isinstance(value, str) and value in renamed:
+        warnings.warn(f"{key}: {value!r} is now called {renamed[value]!r}; the old name still works but will "
+                      f"be removed: write {key}: {renamed[value]}", FutureWarning, stacklevel=2)
+        return renamed[value]
+    return value
 
 
 def coerce(value: Any, hint: Any, key: str) -> Any:

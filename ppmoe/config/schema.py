@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
+# Field metadata key: {old value: new value} of a renamed choice, still accepted with a deprecation message.
+RENAMED_VALUES = "renamed_values"
+
 
 @dataclass
 class ModelConfig:
@@ -67,11 +70,13 @@ class MoEConfig:
     """Coefficient of the load-balancing loss (Switch form, E * sum_e f_e * P_e)."""
     z_loss_coef: float = 0.001
     """Coefficient of the router z-loss (mean squared logsumexp of the router logits)."""
-    dispatcher: Literal["pipeline", "alltoall", "local"] = "pipeline"
-    """'pipeline': Pipeline-MoE, experts split over the TP group, one all-reduce; 'local': every rank
-    holds every expert, no communication (the reference); 'alltoall': classic expert parallelism, the
-    experts spread over the data-parallel ranks and reached by two all-to-alls (the DPMoE baseline;
-    needs parallel.tp = 1)."""
+    dispatcher: Literal["experts_in_tp", "alltoall", "local"] = field(
+        default="experts_in_tp", metadata={RENAMED_VALUES: {"pipeline": "experts_in_tp"}})
+    """Where the experts live and how tokens reach them. 'experts_in_tp': Pipeline-MoE, whole experts
+    split over the TP group, tokens picked by index, one all-reduce (formerly 'pipeline', still
+    accepted); 'local': every rank holds every expert, no communication (the reference); 'alltoall':
+    classic expert parallelism, the experts spread over the data-parallel ranks and reached by two
+    all-to-alls (the DPMoE baseline; needs parallel.tp = 1)."""
     ep: Optional[int] = None
     """Expert-parallel size for the 'alltoall' dispatcher; null means the data-parallel size (the only
     value supported so far)."""

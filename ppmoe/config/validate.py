@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .loader import ConfigError
 from .growth_rules import check_growth
+from .layout import batch_layout, resolve_dims
 from .schema import ExperimentConfig
 from .sizes import derived_ffn_hidden
 from .stages import stage_configs
@@ -41,25 +42,6 @@ def check_positive(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
 
 
-def resolve_dp(cfg: ExperimentConfig, world_size: int) -> int:
-    """The data-parallel size: parallel.dp if set, else world_size / (tp * pp); checked against the world."""
-    tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    if cfg.parallel.dp is None:
-        if world_size % (tp * pp):
-            raise ConfigError(
-                f"world size {world_size} is not divisible by parallel.tp * parallel.pp = {tp} * {pp}; "
-                f"launch a multiple of {tp * pp} processes or change tp/pp"
-            )
-        return world_size // (tp * pp)
-    if tp * pp * cfg.parallel.dp != world_size:
-        raise ConfigError(
-            f"parallel.tp * parallel.pp * parallel.dp = {tp} * {pp} * {cfg.parallel.dp} = "
-            f"{tp * pp * cfg.parallel.dp}, but the world size is {world_size}; launch that many processes "
-            f"(torchrun --nproc-per-node ...) or set parallel.dp: null to derive it"
-        )
-    return cfg.parallel.dp
-
-
 def check_model_split(cfg: ExperimentConfig) -> None:
     """Tensor parallelism splits heads, KV heads, the FFN and the vocabulary: each must divide by tp."""
     m, tp = cfg.model, cfg.parallel.tp
@@ -91,8 +73,9 @@ def check_patch(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"patch.token_warmup_steps must be >= 0, got {patch.token_warmup_steps}")
 
 
-def check_pipeline(cfg: ExperimentConfig, dp: int) -> None:
-    par, t = cfg.parallel, cfg.train
+def check_pipeline(cfg: ExperimentConfig) -> None:
+    """The pipeline's stages and schedule (its micro-batches: BatchLayout)."""
+    par = cfg.parallel
     if par.pp_virtual_stages < 1:
         raise ConfigError(f"parallel.pp_virtual_stages must be >= 1, got {par.pp_virtual_stages}")
     if par.pp == 1:
@@ -115,12 +98,6 @@ def check_pipeline(cfg: ExperimentConfig, dp: int) -> None:
     if cfg.model.tie_embeddings:
         raise ConfigError("model.tie_embeddings is not supported with parallel.pp > 1 (the embedding and the "
                           "output head live on different stages); set it to false")
-    micro = t.global_batch_size // max(1, t.micro_batch_size * dp)
-    if micro < par.pp or (interleaved and micro % par.pp):
-        raise ConfigError(f"the pipeline gets {micro} micro-batches per step (global_batch_size / "
-                          f"(micro_batch_size * dp)); it needs at least parallel.pp={par.pp}"
-                          + (" and a multiple of it for interleaved_1f1b" if interleaved else "")
-                          + ": lower train.micro_batch_size or raise train.global_batch_size")
 
 
 def check_moe(cfg: ExperimentConfig) -> None:
@@ -135,7 +112,7 @@ def check_moe(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"moe.every={moe.every} must be between 1 and model.n_layers={cfg.model.n_layers}")
     if moe.capacity_factor is not None and moe.capacity_factor <= 0:
         raise ConfigError(f"moe.capacity_factor must be > 0 or null (dropless), got {moe.capacity_factor}")
-    if moe.dispatcher == "pipeline" and moe.num_experts % tp:
+    if moe.dispatcher == "experts_in_tp" and moe.num_experts % tp:
         raise ConfigError(f"moe.num_experts={moe.num_experts} is not divisible by parallel.tp={tp}: "
                           f"Pipeline-MoE gives each TP rank whole experts")
     hidden = moe.expert_hidden or derived_ffn_hidden(cfg.model)
@@ -154,7 +131,7 @@ def check_alltoall(cfg: ExperimentConfig, dp: int) -> None:
         return
     if cfg.parallel.tp != 1:
         raise ConfigError("moe.dispatcher=alltoall runs at parallel.tp=1 (experts over the data-parallel "
-                          "ranks); with tensor parallelism use moe.dispatcher=pipeline")
+                          "ranks); with tensor parallelism use moe.dispatcher=experts_in_tp")
     if moe.ep is not None and moe.ep != dp:
         raise ConfigError(f"moe.ep={moe.ep} must equal the data-parallel size {dp} (or be null): experts are "
                           f"spread over all data-parallel ranks")
@@ -184,18 +161,15 @@ def validate(cfg: ExperimentConfig, world_size: int) -> int:
 def validate_stage(cfg: ExperimentConfig, world_size: int) -> int:
     """Check one stage's config (the whole config of a run without growth); returns its data-parallel size."""
     check_positive(cfg)
-    dp = resolve_dp(cfg, world_size)
-    check_pipeline(cfg, dp)
+    check_pipeline(cfg)
+    dims = resolve_dims(cfg, world_size)
+    dp = dims.dp
     check_model_split(cfg)
     check_moe(cfg)
     check_patch(cfg)
     check_alltoall(cfg, dp)
+    batch_layout(cfg, dims)
     t = cfg.train
-    if t.global_batch_size % (t.micro_batch_size * dp):
-        raise ConfigError(
-            f"train.global_batch_size={t.global_batch_size} must be divisible by "
-            f"train.micro_batch_size * dp = {t.micro_batch_size} * {dp}; change one of them"
-        )
     if t.warmup_steps > t.steps:
         raise ConfigError(f"train.warmup_steps={t.warmup_steps} is larger than train.steps={t.steps}")
     if t.min_lr > t.lr:

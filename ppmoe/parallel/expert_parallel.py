@@ -63,7 +63,7 @@ def apply_local_moe(moe: MoEFeedForward, mesh: DeviceMesh) -> list[nn.Parameter]
 
 
 MOE_STYLES: dict[str, Callable[[MoEFeedForward, DeviceMesh], list[nn.Parameter]]] = {
-    "pipeline": apply_pipeline_moe, "alltoall": apply_alltoall_moe, "local": apply_local_moe,
+    "experts_in_tp": apply_pipeline_moe, "alltoall": apply_alltoall_moe, "local": apply_local_moe,
 }
 
 

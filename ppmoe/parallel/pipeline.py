@@ -17,7 +17,6 @@ import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
-from ..config.loader import ConfigError
 from ..model.gpt import GPT
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
@@ -25,16 +24,10 @@ MULTI_STAGE = {"interleaved_1f1b"}
 
 
 def layers_per_stage(n_layers: int, num_stages: int, explicit: list[int] | None) -> list[int]:
-    """Layer counts per stage: the explicit list, or as even as possible (earlier stages take the
-    remainder... last: the last stage also computes the output head, so it gets the smaller share)."""
+    """Layer counts per stage: the explicit list (parallel.pp_layers, checked with the config), or as even
+    as possible, earlier stages taking the remainder (the last stage also computes the output head)."""
     if explicit:
-        if len(explicit) != num_stages or sum(explicit) != n_layers or min(explicit) < 1:
-            raise ConfigError(f"parallel.pp_layers={explicit} must have {num_stages} entries (pp * virtual "
-                              f"stages), each >= 1, summing to model.n_layers={n_layers}")
         return list(explicit)
-    if n_layers < num_stages:
-        raise ConfigError(f"model.n_layers={n_layers} is fewer than the {num_stages} pipeline stages "
-                          f"(parallel.pp * parallel.pp_virtual_stages)")
     base, extra = divmod(n_layers, num_stages)
     return [base + (1 if s < extra else 0) for s in range(num_stages)]
 

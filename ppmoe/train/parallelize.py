@@ -11,7 +11,8 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from ..config import ExperimentConfig
 from ..model.gpt import GPT
-from ..parallel import ParallelDims, apply_data_parallel, apply_expert_layout, apply_tensor_parallel
+from ..config import ParallelDims
+from ..parallel import apply_data_parallel, apply_expert_layout, apply_tensor_parallel
 from ..parallel.pipeline import StageUnion, build_schedule, split_for_pipeline
 from ..model.loss import LossFunction
 from .runner import PipelineRunner, SingleStageRunner

@@ -18,12 +18,11 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from patchtrain import StageIO, stage_io
 
-from ..config import ExperimentConfig
-from ..config.validate import resolve_dp
+from ..config import ParallelDims, resolve_layout
 from ..data import BatchLoader, ChunkedLoader
 from ..model import build_model
 from ..model.loss import build_loss
-from ..parallel import ParallelDims, Runtime
+from ..parallel import Runtime, build_mesh
 from .moe_metrics import MoEMonitor, set_aux_loss_scale
 from .optim import build_optimizer
 from .parallelize import parallelize
@@ -38,12 +37,10 @@ class MeshCache:
         self.world_size, self.device_type = world_size, device_type
         self.meshes: dict[ParallelDims, DeviceMesh] = {}
 
-    def get(self, cfg: ExperimentConfig) -> tuple[ParallelDims, DeviceMesh]:
-        dims = ParallelDims(tp=cfg.parallel.tp, pp=cfg.parallel.pp, dp=resolve_dp(cfg, self.world_size),
-                            world_size=self.world_size)
+    def get(self, dims: ParallelDims) -> DeviceMesh:
         if dims not in self.meshes:
-            self.meshes[dims] = dims.build_mesh(self.device_type)
-        return dims, self.meshes[dims]
+            self.meshes[dims] = build_mesh(dims, self.device_type)
+        return self.meshes[dims]
 
 
 @dataclass
@@ -100,7 +97,8 @@ def build_stage_runtime(plan: StagePlan, stage: Stage, rt: Runtime, meshes: Mesh
                         ) -> StageRuntime:
     """Build `stage` on this rank, initialised from the seed (a boundary then loads its checkpoint)."""
     cfg, t = stage.cfg, stage.cfg.train
-    dims, mesh = meshes.get(cfg)
+    dims, batch = resolve_layout(cfg, rt.world_size)
+    mesh = meshes.get(dims)
     autocast = autocast_factory(rt.device, t.dtype)
     model, runner = parallelize(build_model(stage.shape, t.seed, rt.device), cfg, dims, mesh, rt.device,
                                 build_loss(dims.tp), autocast)
