@@ -13,13 +13,13 @@ as it would inside a model; grads set to None between steps; no optimizer):
              Megatron tensor parallel over P ranks: column-parallel w1/w3, row-parallel w2, built from plain
              tensors and ppmoe.moe.comm.copy_to_group / reduce_from_group. Every rank sees the global batch.
   pipeline   Pipeline-MoE: ppmoe MoEFeedForward, experts DTensor-sharded (Shard(0)) over the P ranks of the
-             TP group, PipelineDispatcher (one all-reduce forward, one backward). Every rank sees the global
+             TP group, the ExpertsInTP layout (one all-reduce forward, one backward). Every rank sees the global
              batch.
-  alltoall   ppmoe MoEFeedForward with AllToAllDispatcher over P EP ranks (ours). Each rank sees
+  alltoall   ppmoe MoEFeedForward with the AllToAllExperts layout over P EP ranks (ours). Each rank sees
              global / P tokens (data parallel); two all-to-alls forward, two backward (+ one tiny count
              exchange).
   deepspeed  deepspeed.moe.layer.MoE (the paper's DPMoE baseline) with ep_size=P, the same E, top-k and
-             SwiGLU experts (ppmoe.model.layers.SwiGLU(d, expert_hidden)), DeepSpeed's default gate settings
+             SwiGLU experts (ppmoe.layers.SwiGLU(d, expert_hidden)), DeepSpeed's default gate settings
              (capacity_factor 1.0, min_capacity 4, drop_tokens=True, RTS): token-dropping, all-to-alls padded
              to E x capacity. Each rank sees global / P tokens. Optional: if deepspeed cannot be imported or
              run, the exact error is recorded instead of numbers.
@@ -217,25 +217,21 @@ def build_ffn(variant: str, a, group, rank: int, size: int) -> nn.Module:
         return DenseTPFFN(a.d_model, a.top_k * a.expert_hidden, group, rank, size)
     if variant in ("pipeline", "alltoall"):
         from torch.distributed.device_mesh import DeviceMesh
-        from torch.distributed.tensor import Shard, distribute_tensor
 
-        from ppmoe.moe.dispatch import AllToAllDispatcher, PipelineDispatcher
+        from ppmoe.moe.layout import AllToAllExperts, ExpertsInTP
 
-        torch.manual_seed(0)
-        m = MoEFeedForward(a.d_model, shape)
-        m.experts.init_weights(a.d_model ** -0.5, a.expert_hidden ** -0.5)
         mesh = DeviceMesh("cpu", list(range(size)))
-        for name in ("w1", "w2", "w3"):
-            w = getattr(m.experts, name).data
-            setattr(m.experts, name, nn.Parameter(distribute_tensor(w, mesh, [Shard(0)])))
-        cls = PipelineDispatcher if variant == "pipeline" else AllToAllDispatcher
-        m.dispatch = cls(mesh.get_group(), a.experts)
+        layout = (ExpertsInTP if variant == "pipeline" else AllToAllExperts)(mesh, a.experts)
+        torch.manual_seed(0)
+        m = MoEFeedForward(a.d_model, shape, layout)
+        m.experts.init_weights(a.d_model ** -0.5, a.expert_hidden ** -0.5)
+        layout.distribute(m.experts)
         return m
     if variant == "deepspeed":
         import deepspeed
         from deepspeed.moe.layer import MoE
 
-        from ppmoe.model.layers import SwiGLU
+        from ppmoe.layers import SwiGLU
 
         torch.manual_seed(0)
         moe = MoE(hidden_size=a.d_model, expert=SwiGLU(a.d_model, a.expert_hidden), num_experts=a.experts,
@@ -255,7 +251,7 @@ class TPAttention(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, group, size: int):
         super().__init__()
-        from ppmoe.model.layers import Attention
+        from ppmoe.layers import Attention
 
         if n_heads % size:
             raise ValueError(f"n_heads {n_heads} not divisible by P={size}")
@@ -276,7 +272,7 @@ class TPAttention(nn.Module):
 class SmallModel(nn.Module):
     def __init__(self, a, variant, group, rank, size):
         super().__init__()
-        from ppmoe.model.layers import Block, RMSNorm, rotary_tables
+        from ppmoe.layers import Block, RMSNorm, rotary_tables
 
         blocks = []
         for _ in range(a.n_layers):

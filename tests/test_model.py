@@ -12,7 +12,7 @@ import torch.nn as nn
 from ppmoe.config import load_config
 from ppmoe.model import GPT, GPTShape, build_model, model_shape, training_flops_per_token
 from ppmoe.model.flops import matmul_params
-from ppmoe.model.layers import apply_rotary, rotary_tables
+from ppmoe.layers import apply_rotary, rotary_tables
 
 torch.set_num_threads(1)
 

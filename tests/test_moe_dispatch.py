@@ -1,14 +1,17 @@
-"""Parallel token dispatchers against the single-process `local` MoE layer, on real gloo processes.
+"""Parallel expert layouts against the single-process `local` MoE layer, on real gloo processes. Each
+layout is the object training uses: built by `build_expert_layout` from the layout's name and a
+('pp', 'dp', 'tp') mesh, handed to the layer, and asked to place the expert weights (`distribute`).
 
-pipeline (Pipeline-MoE): every TP rank sees the SAME tokens and holds whole experts (expert weights are
-DTensors sharded on dim 0 over a 1-D mesh). Each rank must reproduce the local module exactly: output,
+experts_in_tp (Pipeline-MoE): every TP rank sees the SAME tokens and holds whole experts (expert weights
+are DTensors sharded on dim 0 over the TP mesh). Each rank must reproduce the local module exactly: output,
 input gradient, every parameter gradient (expert grads gathered with `.full_tensor()`), and the aux/z
 loss values and token counts the layer records in `stats`.
 
 alltoall (classic expert parallelism): each rank holds DIFFERENT tokens (its data-parallel shard). The
 ranks together must reproduce the local module applied to each rank's chunk separately: concatenated
 outputs and input gradients equal; expert gradients equal the local gradients accumulated over all
-chunks; the router (and shared expert) gradients SUMMED over ranks equal the accumulated local ones
+chunks divided by the number of ranks (the layout's gradient hook: data parallelism averages the loss,
+and skips these experts, which one rank owns each); the router (and shared expert) gradients SUMMED over ranks equal the accumulated local ones
 (each rank's replicated router only sees its own tokens, a DP all-reduce would sum them).
 
 The objective is (y * R).sum() for a fixed random R, plus the aux and z losses the layer attaches to its
@@ -25,16 +28,17 @@ import torch
 import torch._dynamo  # noqa: F401  (imported lazily by DTensor; once here, not in every forked rank: ~2 s each)
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor
 
 from multiproc import run_ranks
-from ppmoe.moe import MoEFeedForward, MoEShape
-from ppmoe.moe.dispatch import AllToAllDispatcher, PipelineDispatcher
+from ppmoe.moe import MoEFeedForward, MoEShape, build_expert_layout
+from ppmoe.moe.layout import LOCAL_EXPERTS, AllToAllExperts, ExpertsInTP
 
 ATOL = 1e-5
 D = 16
 DROPPING_CF = 0.5  # capacity = ceil(0.5 * T * k / E): at most half the assignments fit, so some drop
-DISPATCHERS = {"pipeline": PipelineDispatcher, "alltoall": AllToAllDispatcher}
+# layout -> (its mesh as (pp, dp, tp) sizes for a world of ws, the class the factory must give there)
+LAYOUTS = {"experts_in_tp": (lambda ws: (1, 1, ws), ExpertsInTP), "alltoall": (lambda ws: (1, ws, 1), AllToAllExperts)}
 
 
 def make_shape(num_experts, top_k, capacity_factor, kernel, shared):
@@ -43,18 +47,17 @@ def make_shape(num_experts, top_k, capacity_factor, kernel, shared):
                     aux_loss_coef=0.3, z_loss_coef=0.05)  # large, so the aux path shows in the router grad
 
 
-def build(shape, collapse=False):
+def build(shape, collapse=False, layout=LOCAL_EXPERTS):
     """The same module in every process (fixed seed). collapse: gate weights that send every token of a
     positive input to expert 0 first and expert 1 second."""
     torch.manual_seed(0)
-    m = MoEFeedForward(D, shape)
+    m = MoEFeedForward(D, shape, layout, aux_loss_scale=0.5)
     m.experts.init_weights(0.3, 0.3)
     if collapse:
         with torch.no_grad():
             m.router.gate.weight.zero_()
             m.router.gate.weight[0] = 1.0
             m.router.gate.weight[1] = 0.5
-    m.loss_scale = 0.5
     return m.train()
 
 
@@ -87,14 +90,17 @@ def _worker(kind, cases):
     """cases: [(shape, x, r, collapse)]; x, r are the full tensors (alltoall takes this rank's chunk)."""
     dist.init_process_group("gloo")
     ws, rank = dist.get_world_size(), dist.get_rank()
-    mesh = init_device_mesh("cpu", (ws,))
+    sizes, cls = LAYOUTS[kind]
+    mesh = init_device_mesh("cpu", sizes(ws), mesh_dim_names=("pp", "dp", "tp"))
     out = []
     for shape, x, r, collapse in cases:
-        m = build(shape, collapse)
-        for name in ("w1", "w2", "w3"):
-            w = getattr(m.experts, name)
-            setattr(m.experts, name, torch.nn.Parameter(distribute_tensor(w.data, mesh, [Shard(0)])))
-        m.dispatch = DISPATCHERS[kind](mesh.get_group(), shape.num_experts)
+        layout = build_expert_layout(kind, mesh, shape.num_experts)
+        assert type(layout) is cls, f"{kind} on {sizes(ws)} gave {type(layout).__name__}"
+        m = build(shape, collapse, layout)
+        owned = layout.distribute(m.experts)
+        expert_params = [getattr(m.experts, n) for n in ("w1", "w3", "w2")]
+        # alltoall experts belong to one data-parallel rank each: data parallelism must leave them alone
+        assert {id(p) for p in owned} == ({id(p) for p in expert_params} if kind == "alltoall" else set())
         if kind == "alltoall":
             x, r = x.chunk(ws)[rank], r.chunk(ws)[rank]
         res = run_module(m, x, r)
@@ -119,7 +125,7 @@ def assert_close(actual, expected, what):
     assert err <= ATOL, f"{what}: max abs error {err:.2e} > {ATOL}"
 
 
-def pipeline_reference(shape, x, r, collapse=False):
+def experts_in_tp_reference(shape, x, r, collapse=False):
     m = build(shape, collapse)
     res = run_module(m, x, r)
     res["grads"] = local_grads(m)
@@ -133,7 +139,7 @@ def alltoall_reference(shape, x, r, ws, collapse=False):
     return per_chunk, local_grads(m)
 
 
-def check_pipeline(results, ref, label):
+def check_experts_in_tp(results, ref, label):
     for rank, res in enumerate(results):
         where = f"{label} rank {rank}"
         assert_close(res["y"], ref["y"], f"{where} output")
@@ -159,7 +165,7 @@ def check_alltoall(results, ref, label):
     for n, g in ref_grads.items():
         if n.startswith("experts."):  # gathered DTensor grads: the same full tensor on every rank
             for rank, res in enumerate(results):
-                assert_close(res["grads"][n], g, f"{label} rank {rank} grad {n}")
+                assert_close(res["grads"][n], g / len(results), f"{label} rank {rank} grad {n}")
         else:  # replicated parameters: each rank's grad covers its own tokens only
             assert_close(sum(res["grads"][n] for res in results), g, f"{label} summed grad {n}")
 
@@ -178,21 +184,21 @@ def label_of(kind, ws, shape):
             f"kernel={shape.expert_kernel} shared={shape.shared_expert_hidden}")
 
 
-PIPELINE_LAYOUTS = [(2, 4), (4, 4), (4, 8)]  # (world size, num_experts): 2, 1 and 2 experts per rank
+EXPERTS_IN_TP_LAYOUTS = [(2, 4), (4, 4), (4, 8)]  # (world size, num_experts): 2, 1 and 2 experts per rank
 
 
 @pytest.mark.parametrize("kernel", ["padded_bmm", "loop", "grouped_mm"])
 @pytest.mark.parametrize("top_k", [1, 2])
-@pytest.mark.parametrize("ws,num_experts", PIPELINE_LAYOUTS)
-def test_pipeline_matches_local(ws, num_experts, top_k, kernel):
+@pytest.mark.parametrize("ws,num_experts", EXPERTS_IN_TP_LAYOUTS)
+def test_experts_in_tp_matches_local(ws, num_experts, top_k, kernel):
     x, r = inputs(2)
     shapes = [make_shape(num_experts, top_k, cf, kernel, shared)
               for cf, shared in itertools.product([None, DROPPING_CF], [False, True])]
-    results = run_ranks(_worker, ws, "pipeline", [(s, x, r, False) for s in shapes], timeout=120)
+    results = run_ranks(_worker, ws, "experts_in_tp", [(s, x, r, False) for s in shapes], timeout=120)
     for i, shape in enumerate(shapes):
-        ref = pipeline_reference(shape, x, r)
+        ref = experts_in_tp_reference(shape, x, r)
         assert_dropping_as_configured(shape, [ref])
-        check_pipeline([per_rank[i] for per_rank in results], ref, label_of("pipeline", ws, shape))
+        check_experts_in_tp([per_rank[i] for per_rank in results], ref, label_of("experts_in_tp", ws, shape))
 
 
 ALLTOALL_LAYOUTS = [(2, 4), (4, 4), (4, 8)]
@@ -212,7 +218,7 @@ def test_alltoall_matches_local_per_chunk(ws, num_experts, top_k, kernel):
         check_alltoall([per_rank[i] for per_rank in results], ref, label_of("alltoall", ws, shape))
 
 
-@pytest.mark.parametrize("kind,ws", [("pipeline", 2), ("pipeline", 4), ("alltoall", 2), ("alltoall", 4)])
+@pytest.mark.parametrize("kind,ws", [("experts_in_tp", 2), ("experts_in_tp", 4), ("alltoall", 2), ("alltoall", 4)])
 def test_ranks_whose_experts_get_no_tokens(kind, ws):
     """Every token picks expert 0 first and expert 1 second, so the experts of the last rank(s) receive
     nothing. Those ranks must still take part in every collective (this used to deadlock) and return
@@ -225,9 +231,9 @@ def test_ranks_whose_experts_get_no_tokens(kind, ws):
     for i, shape in enumerate(shapes):
         label = label_of(kind, ws, shape) + " collapsed"
         per_rank = [res[i] for res in results]
-        if kind == "pipeline":
-            ref = pipeline_reference(shape, x, r, collapse=True)
-            check_pipeline(per_rank, ref, label)
+        if kind == "experts_in_tp":
+            ref = experts_in_tp_reference(shape, x, r, collapse=True)
+            check_experts_in_tp(per_rank, ref, label)
             counts, ref_grads = ref["tokens_per_expert"], ref["grads"]
         else:
             ref = alltoall_reference(shape, x, r, ws, collapse=True)
@@ -242,23 +248,18 @@ def test_ranks_whose_experts_get_no_tokens(kind, ws):
             assert torch.count_nonzero(ref_grads[n][0]) > 0, label
 
 
-def _divisibility_worker(num_experts):
+def test_one_rank_is_the_local_layout():
+    """Over a group of one rank every layout is the local one (no collectives), and so is a dense model's."""
+    assert build_expert_layout("experts_in_tp", None, 4) is LOCAL_EXPERTS
+    assert build_expert_layout("local", None, 4) is LOCAL_EXPERTS
+    for kind in LAYOUTS:
+        assert run_ranks(_one_rank_layout_worker, 2, kind, timeout=60) == [True, True]
+
+
+def _one_rank_layout_worker(kind):
+    """On 2 ranks split over the dimension `kind` does not use, its group has one rank."""
     dist.init_process_group("gloo")
-    group = init_device_mesh("cpu", (dist.get_world_size(),)).get_group()
-    messages = []
-    for cls in (PipelineDispatcher, AllToAllDispatcher):
-        try:
-            cls(group, num_experts)
-        except ValueError as e:
-            messages.append(str(e))
-        else:
-            messages.append(None)
-    cls(group, num_experts + 1)  # divisible: accepted
-    return messages
-
-
-def test_num_experts_not_divisible_by_group_raises():
-    for messages in run_ranks(_divisibility_worker, 2, 3, timeout=60):
-        for msg in messages:
-            assert msg is not None, "no ValueError for 3 experts over 2 ranks"
-            assert "moe.num_experts=3" in msg
+    sizes, _ = LAYOUTS[kind]
+    other = (1, 1, 2) if sizes(2) == (1, 2, 1) else (1, 2, 1)
+    mesh = init_device_mesh("cpu", other, mesh_dim_names=("pp", "dp", "tp"))
+    return build_expert_layout(kind, mesh, 4) is LOCAL_EXPERTS and build_expert_layout(kind, mesh, 0) is LOCAL_EXPERTS

@@ -233,13 +233,12 @@ def test_layer_attaches_scaled_aux_loss_in_training_only():
 
     def gate_grad(train: bool, add_by_hand: bool = False):
         torch.manual_seed(0)
-        m = MoEFeedForward(8, shape)
+        m = MoEFeedForward(8, shape, aux_loss_scale=0.25)
         m.experts.init_weights(0.3, 0.3)
-        m.loss_scale = 0.25
         m.train(train)
         y = m(x)
         loss = (y * upstream).sum()
-        if add_by_hand:  # what training mode attaches, scaled by loss_scale
+        if add_by_hand:  # what training mode attaches, scaled by aux_loss_scale
             r = m.router(x.reshape(-1, 8))
             loss = loss + 0.25 * (r.aux_loss + r.z_loss)
         loss.backward()
@@ -324,11 +323,6 @@ def test_expert_kernels_keep_weights_in_graph_without_tokens(kernel):
         assert w.grad is not None and w.grad.shape == w.shape
         assert torch.count_nonzero(w.grad) == 0
     assert x.grad is not None and x.grad.shape == (0, 6)
-
-
-def test_grouped_experts_rejects_unknown_kernel():
-    with pytest.raises(ValueError, match="moe.expert_kernel"):
-        GroupedExperts(4, 6, 10, kernel="nope")
 
 
 # ---------------------------------------------------------------- permutation

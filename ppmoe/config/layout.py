@@ -73,9 +73,10 @@ class BatchLayout:
 
     @property
     def loss_scale(self) -> float:
-        """Factor of each micro-batch's loss (the main loss and the MoE aux losses alike), so that a step's
-        gradient is that of the mean over the rank's batch whatever the accumulation."""
-        return 1.0 / self.micro_batches
+        """Factor of each micro-batch's loss: a step's gradient is that of the mean over the rank's batch
+        whatever the accumulation. The main loss is divided by micro_batches (the same value); the MoE
+        aux losses, attached inside the model, are multiplied by this (ppmoe.model.build_model)."""
+        return self.micro_batch / self.local_batch
 
 
 def resolve_dp(cfg: ExperimentConfig, world_size: int) -> int:

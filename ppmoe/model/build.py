@@ -6,6 +6,7 @@ import torch
 
 from ..config import ExperimentConfig, derived_ffn_hidden, padded_vocab_size
 from ..moe.experts import resolve_kernel
+from ..moe.layout import LOCAL_EXPERTS, ExpertLayout
 from ..moe.shape import MoEShape
 from .gpt import GPT, GPTShape
 
@@ -39,12 +40,15 @@ def model_shape(cfg: ExperimentConfig, vocab_size: int | None = None, device_typ
     )
 
 
-def build_model(shape: GPTShape, seed: int, device: torch.device | str = "cpu") -> GPT:
-    """The full model, initialised identically on every rank (same seed), before any parallelism.
-    Initialisation runs on CPU so the weights do not depend on the device's random generator."""
+def build_model(shape: GPTShape, seed: int, device: torch.device | str = "cpu",
+                expert_layout: ExpertLayout = LOCAL_EXPERTS, aux_loss_scale: float = 1.0) -> GPT:
+    """The full model, initialised identically on every rank (same seed), before any parallelism (which
+    `expert_layout` then applies to the experts: ppmoe.parallel.apply_expert_layout). `aux_loss_scale`:
+    the factor of the MoE aux losses (BatchLayout.loss_scale). Initialisation runs on CPU so the weights
+    do not depend on the device's random generator."""
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    model = GPT(shape)
+    model = GPT(shape, expert_layout, aux_loss_scale)
     torch.random.set_rng_state(generator_state)
     return model.to(device)
 

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..moe.shape import MoEShape
-from .layers import Block, RMSNorm, SwiGLU, rotary_tables
+from ..layers import Block, RMSNorm, SwiGLU, rotary_tables
+from ..moe import MoEFeedForward, MoEShape
+from ..moe.layout import LOCAL_EXPERTS, ExpertLayout
 
 
 @dataclass(frozen=True)
@@ -34,12 +35,10 @@ class GPTShape:
         return self.moe is not None and index % self.moe.every == self.moe.every - 1
 
 
-def build_ffn(shape: GPTShape, index: int) -> nn.Module:
+def build_ffn(shape: GPTShape, index: int, expert_layout: ExpertLayout, aux_loss_scale: float) -> nn.Module:
     """The feed-forward block of layer `index`: dense SwiGLU or an MoE layer."""
     if shape.is_moe_layer(index):
-        from ..moe.layer import MoEFeedForward  # here, not at the top: ppmoe.moe imports model.layers
-
-        return MoEFeedForward(shape.d_model, shape.moe, jitter_seed=index)
+        return MoEFeedForward(shape.d_model, shape.moe, expert_layout, aux_loss_scale, jitter_seed=index)
     return SwiGLU(shape.d_model, shape.ffn_hidden)
 
 
@@ -49,14 +48,18 @@ class GPT(nn.Module):
     Layers live in a ModuleDict keyed '0'..'L-1' so that a pipeline stage can drop the layers it does
     not own and keep the others' names (checkpoint keys stay the same whatever the layout); likewise
     `tok_embeddings`, `norm` and `output` may be None on stages that do not own them.
+
+    MoE layers get `expert_layout` (where their experts live: ppmoe.moe.layout, all here by default) and
+    `aux_loss_scale` (the factor of their aux losses: ppmoe.config.BatchLayout.loss_scale).
     """
 
-    def __init__(self, shape: GPTShape):
+    def __init__(self, shape: GPTShape, expert_layout: ExpertLayout = LOCAL_EXPERTS, aux_loss_scale: float = 1.0):
         super().__init__()
         self.shape = shape
         self.tok_embeddings = nn.Embedding(shape.vocab_size, shape.d_model)
         self.layers = nn.ModuleDict({
-            str(i): Block(shape.d_model, shape.n_heads, shape.n_kv_heads, build_ffn(shape, i), shape.norm_eps)
+            str(i): Block(shape.d_model, shape.n_heads, shape.n_kv_heads,
+                          build_ffn(shape, i, expert_layout, aux_loss_scale), shape.norm_eps)
             for i in range(shape.n_layers)
         })
         self.norm = RMSNorm(shape.d_model, shape.norm_eps)

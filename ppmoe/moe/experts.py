@@ -1,7 +1,7 @@
 """E SwiGLU experts with stacked weights, and two ways to run them on expert-sorted tokens.
 
-Weights: w1, w3 [E, d_model, hidden], w2 [E, hidden, d_model]. Under Pipeline-MoE they become DTensors
-sharded along dim 0 (whole experts per TP rank): the module then runs its local experts only.
+Weights: w1, w3 [E, d_model, hidden], w2 [E, hidden, d_model]. A split expert layout (ppmoe.moe.layout)
+makes them DTensors sharded along dim 0 (whole experts per rank): the module then runs its local experts.
 """
 
 from __future__ import annotations
@@ -72,8 +72,6 @@ class GroupedExperts(nn.Module):
 
     def __init__(self, num_experts: int, d_model: int, hidden: int, kernel: str = "padded_bmm"):
         super().__init__()
-        if kernel not in EXPERT_KERNELS:
-            raise ValueError(f"moe.expert_kernel={kernel!r}; choose one of {', '.join(EXPERT_KERNELS)}")
         self.num_experts = num_experts
         self.w1 = nn.Parameter(torch.empty(num_experts, d_model, hidden))
         self.w3 = nn.Parameter(torch.empty(num_experts, d_model, hidden))

@@ -1,14 +1,14 @@
-"""The MoE feed-forward block: router -> dispatcher -> experts -> combine (+ optional shared expert)."""
+"""The MoE feed-forward block: router -> expert layout (dispatch, experts, combine) (+ optional shared expert)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from ..model.layers import SwiGLU
+from ..layers import SwiGLU
 from .aux_loss import attach_loss
-from .dispatch import LocalDispatcher
 from .experts import GroupedExperts
+from .layout import LOCAL_EXPERTS, ExpertLayout
 from .router import Routing, TopKRouter
 from .shape import MoEShape
 
@@ -50,11 +50,13 @@ class MoEStats:
 class MoEFeedForward(nn.Module):
     """x [batch, seq, d_model] -> [batch, seq, d_model].
 
-    `dispatch` is the token dispatcher (LocalDispatcher until a parallel style replaces it);
-    `loss_scale` is set by the trainer to 1 / micro-batches per step.
+    `layout`: where the experts live and how tokens reach them (ppmoe.moe.layout; shared by all layers of
+    a model). `aux_loss_scale`: the factor of the attached aux losses, the main loss's per micro-batch
+    (ppmoe.config.BatchLayout.loss_scale), so they weigh the same whatever the accumulation.
     """
 
-    def __init__(self, d_model: int, shape: MoEShape, jitter_seed: int = 0):
+    def __init__(self, d_model: int, shape: MoEShape, layout: ExpertLayout = LOCAL_EXPERTS,
+                 aux_loss_scale: float = 1.0, jitter_seed: int = 0):
         super().__init__()
         self.router = TopKRouter(d_model, shape.num_experts, shape.top_k, normalize_topk=shape.normalize_topk,
                                  jitter=shape.jitter, capacity_factor=shape.capacity_factor,
@@ -62,17 +64,17 @@ class MoEFeedForward(nn.Module):
                                  jitter_seed=jitter_seed)
         self.experts = GroupedExperts(shape.num_experts, d_model, shape.expert_hidden, shape.expert_kernel)
         self.shared_expert = SwiGLU(d_model, shape.shared_expert_hidden) if shape.shared_expert_hidden else None
-        self.dispatch = LocalDispatcher()
-        self.loss_scale = 1.0
+        self.layout = layout
+        self.aux_loss_scale = aux_loss_scale
         self.stats = MoEStats(shape.num_experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         routing = self.router(flat)
-        y = self.dispatch(flat, routing, self.experts)
+        y = self.layout(flat, routing, self.experts)
         if self.shared_expert is not None:
             y = y + self.shared_expert(flat)
         self.stats.record(routing, routing.aux_loss.detach(), routing.z_loss.detach())
         if self.training:
-            y = attach_loss(y, (routing.aux_loss + routing.z_loss) * self.loss_scale)
+            y = attach_loss(y, (routing.aux_loss + routing.z_loss) * self.aux_loss_scale)
         return y.view(x.shape)

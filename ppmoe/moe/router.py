@@ -65,9 +65,7 @@ class TopKRouter(nn.Module):
     def __init__(self, d_model: int, num_experts: int, top_k: int, *, normalize_topk: bool = True,
                  jitter: float = 0.0, capacity_factor: float | None = None, aux_loss_coef: float = 0.01,
                  z_loss_coef: float = 0.001, jitter_seed: int = 0):
-        super().__init__()
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"moe.top_k={top_k} must be between 1 and moe.num_experts={num_experts}")
+        super().__init__()  # 1 <= top_k <= num_experts: a config rule (ppmoe.config)
         self.gate = nn.Linear(d_model, num_experts, bias=False)
         self.num_experts, self.top_k = num_experts, top_k
         self.normalize_topk, self.jitter, self.capacity_factor = normalize_topk, jitter, capacity_factor

@@ -15,7 +15,7 @@ from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from ..model.gpt import GPT
-from ..moe.layer import MoEFeedForward
+from ..moe import MoEFeedForward
 
 
 def swiglu_plan(prefix: str) -> dict:

@@ -6,14 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..moe.layer import MoEFeedForward
-
-
-def set_aux_loss_scale(model: nn.Module, scale: float) -> None:
-    """Scale the attached aux losses like the main loss (1 / micro-batches per step)."""
-    for layer in model.modules():
-        if isinstance(layer, MoEFeedForward):
-            layer.loss_scale = scale
+from ..moe import MoEFeedForward
 
 
 def commit_moe_stats(parts: list[nn.Module], keep_last: int | None = None) -> None:

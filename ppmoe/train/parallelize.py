@@ -9,36 +9,33 @@ import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from ..config import ExperimentConfig
 from ..model.gpt import GPT
-from ..config import ParallelDims
+from ..config import BatchLayout, ParallelConfig, ParallelDims
 from ..parallel import apply_data_parallel, apply_expert_layout, apply_tensor_parallel
 from ..parallel.pipeline import StageUnion, build_schedule, split_for_pipeline
 from ..model.loss import LossFunction
 from .runner import PipelineRunner, SingleStageRunner
 
 
-def parallelize(model: GPT, cfg: ExperimentConfig, dims: ParallelDims, mesh: DeviceMesh, device: torch.device,
-                loss_fn: LossFunction, autocast: Callable[[], ContextManager]):
+def parallelize(model: GPT, par: ParallelConfig, dims: ParallelDims, batch: BatchLayout, mesh: DeviceMesh,
+                device: torch.device, loss_fn: LossFunction, autocast: Callable[[], ContextManager]):
     """Returns (view, runner): `view` holds this rank's parameters under the whole model's names (for
     the optimizer and checkpoints), `runner` runs a batch's forward and backward."""
-    par, t = cfg.parallel, cfg.train
-    n_microbatches = t.global_batch_size // (dims.dp * t.micro_batch_size)
     if dims.pp == 1:
         parts, ids = [model], [0]
     else:
         ids, parts = split_for_pipeline(model, mesh["pp"], par.pp_virtual_stages, par.pp_layers)
     for part in parts:
         apply_tensor_parallel(part, mesh["tp"])
-        owned = apply_expert_layout(part, mesh, cfg.moe.dispatcher)
+        owned = apply_expert_layout(part)
         apply_data_parallel(part, mesh["dp"], par.dp_type, owned)
     view: nn.Module = parts[0] if len(parts) == 1 else StageUnion(parts)
     if dims.pp == 1:
-        return view, SingleStageRunner(model, t.micro_batch_size, loss_fn, autocast)
+        return view, SingleStageRunner(model, batch, loss_fn, autocast)
     num_stages = dims.pp * par.pp_virtual_stages
 
     def make_schedule(microbatch_loss):
-        return build_schedule(par.pp_schedule, parts, ids, num_stages, mesh["pp"], device, n_microbatches,
+        return build_schedule(par.pp_schedule, parts, ids, num_stages, mesh["pp"], device, batch.micro_batches,
                               microbatch_loss)
 
-    return view, PipelineRunner(parts, num_stages - 1 in ids, n_microbatches, loss_fn, autocast, make_schedule)
+    return view, PipelineRunner(parts, num_stages - 1 in ids, batch, loss_fn, autocast, make_schedule)

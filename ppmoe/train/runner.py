@@ -1,7 +1,7 @@
 """How one rank runs forward/backward for a batch: all layers here, or its stages of a pipeline.
 
-Chosen once when the trainer is built (`build_runner`). Both take this rank's batch
-([local_batch, seq] inputs and targets), split it into micro-batches of `micro_batch_size`, and return
+Chosen once per stage (ppmoe.train.parallelize). Both take this rank's batch ([local_batch, seq] inputs
+and targets), split it into the micro-batches its BatchLayout says, and return
 the mean loss over them as seen by this rank: a real value where the loss is computed (everywhere
 without pipelining, the last stage with it) and 0 elsewhere (`holds_loss` says which).
 """
@@ -13,6 +13,7 @@ from typing import Callable, ContextManager
 import torch
 import torch.nn as nn
 
+from ..config import BatchLayout
 from ..model.loss import LossFunction, scalar_value
 from .moe_metrics import commit_moe_stats
 from .step import forward_backward
@@ -23,37 +24,36 @@ class SingleStageRunner:
 
     holds_loss = True
 
-    def __init__(self, model: nn.Module, micro_batch_size: int, loss_fn: LossFunction,
+    def __init__(self, model: nn.Module, batch: BatchLayout, loss_fn: LossFunction,
                  autocast: Callable[[], ContextManager]):
         self.model, self.parts = model, [model]
-        self.micro_batch_size, self.loss_fn, self.autocast = micro_batch_size, loss_fn, autocast
+        self.batch, self.loss_fn, self.autocast = batch, loss_fn, autocast
 
     def set_loss(self, loss_fn: LossFunction) -> None:
         self.loss_fn = loss_fn
 
     def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        loss = forward_backward(self.model, inputs, targets, self.micro_batch_size, self.loss_fn, self.autocast)
+        loss = forward_backward(self.model, inputs, targets, self.batch, self.loss_fn, self.autocast)
         commit_moe_stats(self.parts)
         return loss
 
     @torch.no_grad()
     def eval_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         total = torch.zeros((), device=inputs.device)
-        chunks = list(zip(inputs.split(self.micro_batch_size), targets.split(self.micro_batch_size)))
-        for x, y in chunks:
+        for x, y in zip(inputs.split(self.batch.micro_batch), targets.split(self.batch.micro_batch)):
             with self.loss_fn.context(), self.autocast():
                 total += scalar_value(self.loss_fn.compute(self.model(x), y))
-        return total / len(chunks)
+        return total / self.batch.micro_batches
 
 
 class PipelineRunner:
     """This rank's pipeline stages driven by a torch.distributed.pipelining schedule. The micro-batches
     of gradient accumulation are the pipeline's micro-batches."""
 
-    def __init__(self, parts: list[nn.Module], is_last: bool, n_microbatches: int, loss_fn: LossFunction,
+    def __init__(self, parts: list[nn.Module], is_last: bool, batch: BatchLayout, loss_fn: LossFunction,
                  autocast: Callable[[], ContextManager], make_schedule: Callable[[Callable], object]):
         self.parts, self.holds_loss = parts, is_last
-        self.n_microbatches, self.loss_fn, self.autocast = n_microbatches, loss_fn, autocast
+        self.batch, self.loss_fn, self.autocast = batch, loss_fn, autocast
         self.make_schedule = make_schedule
         self.schedule = make_schedule(self.microbatch_loss)
 
@@ -65,7 +65,7 @@ class PipelineRunner:
     def microbatch_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Called by the schedule on the last stage. Divided by the micro-batch count like the
         non-pipelined path (the schedule is built not to rescale gradients)."""
-        return self.loss_fn.compute(output, target) / self.n_microbatches
+        return self.loss_fn.compute(output, target) / self.batch.micro_batches
 
     def run(self, step: Callable, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         # The schedule reports the loss of each micro-batch it ran (it may call loss_fn more often, e.g.
@@ -80,7 +80,7 @@ class PipelineRunner:
     def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         loss = self.run(self.schedule.step, inputs, targets)
         # The schedule's shape-inference forwards come before the micro-batches: keep the last ones.
-        commit_moe_stats(self.parts, keep_last=self.n_microbatches)
+        commit_moe_stats(self.parts, keep_last=self.batch.micro_batches)
         return loss
 
     @torch.no_grad()

@@ -22,8 +22,9 @@ from ..config import ParallelDims, resolve_layout
 from ..data import BatchLoader, ChunkedLoader
 from ..model import build_model
 from ..model.loss import build_loss
+from ..moe import build_expert_layout
 from ..parallel import Runtime, build_mesh
-from .moe_metrics import MoEMonitor, set_aux_loss_scale
+from .moe_metrics import MoEMonitor
 from .optim import build_optimizer
 from .parallelize import parallelize
 from .plan import Stage, StagePlan
@@ -100,13 +101,13 @@ def build_stage_runtime(plan: StagePlan, stage: Stage, rt: Runtime, meshes: Mesh
     dims, batch = resolve_layout(cfg, rt.world_size)
     mesh = meshes.get(dims)
     autocast = autocast_factory(rt.device, t.dtype)
-    model, runner = parallelize(build_model(stage.shape, t.seed, rt.device), cfg, dims, mesh, rt.device,
-                                build_loss(dims.tp), autocast)
+    shape = stage.shape
+    experts = build_expert_layout(cfg.moe.dispatcher, mesh, shape.moe.num_experts if shape.moe else 0)
+    full = build_model(shape, t.seed, rt.device, experts, batch.loss_scale)
+    model, runner = parallelize(full, cfg.parallel, dims, batch, mesh, rt.device, build_loss(dims.tp), autocast)
     optimizer = build_optimizer(model, t, rt.device)
-    set_aux_loss_scale(model, t.micro_batch_size / (t.global_batch_size // dims.dp))
     io = stage_io(stage.patch_size, runner.parts, dims.tp, rt.device, t.seq_len)
     runner.set_loss(io.loss_fn)
-    shape = stage.shape
     moe_ids = [i for i in range(shape.n_layers) if shape.is_moe_layer(i)]
     pp_group = mesh["pp"].get_group() if dims.pp > 1 else None
     moe = MoEMonitor(model.layers, moe_ids, shape.moe.num_experts if shape.moe else 0, pp_group,

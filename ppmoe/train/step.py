@@ -8,6 +8,7 @@ from typing import Callable, ContextManager
 import torch
 import torch.nn as nn
 
+from ..config import BatchLayout
 from ..parallel import set_gradient_sync
 from ..model.loss import LossFunction, scalar_value
 
@@ -20,16 +21,15 @@ def autocast_factory(device: torch.device, dtype: str) -> Callable[[], ContextMa
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def forward_backward(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, micro_batch_size: int,
+def forward_backward(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch: BatchLayout,
                      loss_fn: LossFunction, autocast: Callable[[], ContextManager]) -> torch.Tensor:
     """Accumulate gradients of the mean loss over this rank's batch.
 
-    inputs/targets: [local_batch, seq] with local_batch a multiple of micro_batch_size. Each micro-batch's
-    loss is divided by the number of micro-batches, so the gradient equals that of the whole batch's mean
-    (all micro-batches have the same token count). Data-parallel reduction (an average) happens once, on
-    the last micro-batch. Returns this rank's mean loss (plain 0-d tensor, detached).
+    inputs/targets: [batch.local_batch, seq], run as batch.micro_batches micro-batches. Each micro-batch's
+    loss is divided by the number of micro-batches, so the gradient equals that of the whole batch's mean (all micro-batches have the same token count). Data-parallel reduction (an average)
+    happens once, on the last micro-batch. Returns this rank's mean loss (plain 0-d tensor, detached).
     """
-    chunks = list(zip(inputs.split(micro_batch_size), targets.split(micro_batch_size)))
+    chunks = list(zip(inputs.split(batch.micro_batch), targets.split(batch.micro_batch)))
     total = torch.zeros((), device=inputs.device)
     for i, (x, y) in enumerate(chunks):
         set_gradient_sync(model, i == len(chunks) - 1)
@@ -37,6 +37,6 @@ def forward_backward(model: nn.Module, inputs: torch.Tensor, targets: torch.Tens
             with autocast():
                 logits = model(x)
             loss = loss_fn.compute(logits, y)
-            (loss / len(chunks)).backward()
+            (loss / batch.micro_batches).backward()
         total += scalar_value(loss)
-    return total / len(chunks)
+    return total / batch.micro_batches

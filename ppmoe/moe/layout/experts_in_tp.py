@@ -1,5 +1,8 @@
-"""Pipeline-MoE (Chen et al., 2023): experts partitioned over the tensor-parallel group.
+"""Experts in the TP group: Pipeline-MoE (Chen et al., 2023), experts partitioned over the tensor-parallel
+group (`moe.dispatcher: experts_in_tp`; the paper's "pipeline" is not pipeline parallelism).
 
+Weights: w1/w3/w2 become DTensors sharded along the expert dimension over the TP group (each TP rank
+stores E/T whole experts; data parallelism then treats them like any TP-sharded weight).
 The tokens entering the FFN are already replicated on every TP rank, and so is the gate, so every rank
 computes the same routing. Rank r owns experts [r*E/T, (r+1)*E/T):
   1. select the assignments to its own experts by index slicing (no communication),
@@ -8,31 +11,37 @@ computes the same routing. Rank r owns experts [r*E/T, (r+1)*E/T):
   4. one all-reduce (sum) over the TP group combines the partial outputs.
 Backward mirrors Megatron's copy/reduce pair: the all-reduce's backward is the identity; the expert
 inputs and gate weights enter through copy_many_to_group, whose backward all-reduces their gradients
-(each rank only sees the gradient through its own experts) in one collective of T x (d + k) values. The router's own aux losses are computed
-identically on every rank and need no reduction. No all-to-all anywhere; the one all-reduce has the
+(each rank only sees the gradient through its own experts) in one collective of T x (d + k) values.
+The router's own aux losses are computed identically on every rank and need no reduction. No all-to-all anywhere; the one all-reduce has the
 size (T x d) a dense row-parallel FFN already pays.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from ..comm import copy_many_to_group, reduce_from_group
 from ..experts import GroupedExperts
 from ..permute import combine, sort_by_expert
 from ..router import Routing
+from .base import ExpertLayout, shard_experts
 
 
-class PipelineDispatcher:
-    def __init__(self, tp_group: dist.ProcessGroup, num_experts: int):
-        size = dist.get_world_size(tp_group)
-        if num_experts % size:
-            raise ValueError(f"moe.num_experts={num_experts} must be divisible by parallel.tp={size} "
-                             f"(Pipeline-MoE gives each TP rank whole experts)")
-        self.group = tp_group
-        self.per_rank = num_experts // size
-        self.first = dist.get_rank(tp_group) * self.per_rank
+class ExpertsInTP(ExpertLayout):
+    """`tp_mesh`: the 1-D tensor-parallel mesh; moe.num_experts divides by its size (a config rule)."""
+
+    name = "experts_in_tp"
+
+    def __init__(self, tp_mesh: DeviceMesh, num_experts: int):
+        self.mesh, self.group = tp_mesh, tp_mesh.get_group()
+        self.per_rank = num_experts // tp_mesh.size()
+        self.first = tp_mesh.get_local_rank() * self.per_rank
+
+    def distribute(self, experts: GroupedExperts) -> list[nn.Parameter]:
+        shard_experts(experts, self.mesh)
+        return []
 
     def __call__(self, x: torch.Tensor, routing: Routing, experts: GroupedExperts) -> torch.Tensor:
         """x: [T, d], replicated over the TP group -> [T, d], replicated."""

@@ -1,6 +1,10 @@
 """Classic expert parallelism (GShard / DeepSpeed-MoE): experts spread over an expert-parallel group
 (the data-parallel ranks), tokens moved there and back with two all-to-alls. The baseline Pipeline-MoE
-is measured against.
+is measured against (`moe.dispatcher: alltoall`, at tp 1).
+
+Weights: sharded by whole experts over the data-parallel group, so each expert is owned by one DP rank:
+they are kept out of the DP gradient reduction, and their gradient, which the all-to-all backward
+already sums over all DP ranks' losses, is divided by dp to match the averaged loss.
 
 Each rank routes its own tokens. Rank p owns experts [p*E/P, (p+1)*E/P):
   1. sort local assignments by expert (so destination ranks are contiguous),
@@ -13,20 +17,31 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from ..comm import all_to_all
 from ..experts import GroupedExperts
 from ..permute import combine, sort_by_expert
 from ..router import Routing
+from .base import ExpertLayout, shard_experts
 
 
-class AllToAllDispatcher:
-    def __init__(self, ep_group: dist.ProcessGroup, num_experts: int):
-        size = dist.get_world_size(ep_group)
-        if num_experts % size:
-            raise ValueError(f"moe.num_experts={num_experts} must be divisible by moe.ep={size}")
-        self.group, self.size, self.per_rank = ep_group, size, num_experts // size
-        self.num_experts = num_experts
+class AllToAllExperts(ExpertLayout):
+    """`ep_mesh`: the 1-D expert-parallel mesh (the data-parallel ranks); moe.num_experts divides by its
+    size (a config rule)."""
+
+    name = "alltoall"
+
+    def __init__(self, ep_mesh: DeviceMesh, num_experts: int):
+        self.mesh, self.group, self.size = ep_mesh, ep_mesh.get_group(), ep_mesh.size()
+        self.per_rank, self.num_experts = num_experts // self.size, num_experts
+
+    def distribute(self, experts: GroupedExperts) -> list[nn.Parameter]:
+        params = shard_experts(experts, self.mesh)
+        for p in params:
+            p.register_hook(lambda grad: grad / self.size)
+        return params
 
     def __call__(self, x: torch.Tensor, routing: Routing, experts: GroupedExperts) -> torch.Tensor:
         """x: [T, d] this rank's tokens -> [T, d]."""

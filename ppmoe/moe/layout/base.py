@@ -1,0 +1,52 @@
+"""What an expert layout is: where a rank's experts live and how routed tokens reach them and come back.
+
+One object per layout (local.py, experts_in_tp.py, alltoall.py), chosen once from the config and the mesh
+(`build_expert_layout`), handed to every MoE layer when the model is built, and owning all that differs
+between layouts:
+- `distribute(experts)`: the expert weights' placement (called once, after tensor parallelism and before
+  data parallelism; every rank holds the same full weights before it) and any gradient handling;
+- `__call__(x, routing, experts)`: dispatch, expert compute and combine for one layer's tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Shard, distribute_tensor
+
+from ..experts import GroupedExperts
+from ..router import Routing
+
+EXPERT_WEIGHTS = ("w1", "w3", "w2")
+
+
+class ExpertLayout:
+    """Base: a layout is shared by all MoE layers of a model and holds no per-layer state."""
+
+    name = ""
+
+    def distribute(self, experts: GroupedExperts) -> list[nn.Parameter]:
+        """Place `experts`' weights for this layout. Returns the parameters data parallelism must leave
+        alone (each data-parallel rank owns different ones); none by default."""
+        return []
+
+    def __call__(self, x: torch.Tensor, routing: Routing, experts: GroupedExperts) -> torch.Tensor:
+        """x: [T, d_model] this rank's tokens -> [T, d_model] = sum over kept choices of gate * expert(x)."""
+        raise NotImplementedError
+
+    def __deepcopy__(self, memo: dict) -> ExpertLayout:
+        # Shared, and holds process groups: a pipeline stage's copy of the model keeps the same object.
+        return self
+
+
+def shard_experts(experts: GroupedExperts, mesh: DeviceMesh) -> list[nn.Parameter]:
+    """Replace w1/w3/w2 [E, ...] by DTensors sharded on dim 0 (whole experts per rank) over the 1-D
+    `mesh`; every rank must hold the same full weights before the call. Returns the new parameters.
+    Checkpoints then hold each expert once and load at any layout."""
+    params = []
+    for name in EXPERT_WEIGHTS:
+        param = nn.Parameter(distribute_tensor(getattr(experts, name).data, mesh, [Shard(0)]))
+        setattr(experts, name, param)
+        params.append(param)
+    return params
