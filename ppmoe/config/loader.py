@@ -16,11 +16,8 @@ from typing import Any
 
 import yaml
 
+from ..errors import ConfigError  # defined with the other user-facing errors; still importable from here
 from .schema import RENAMED_VALUES, ExperimentConfig
-
-
-class ConfigError(ValueError):
-    """A config that cannot run; the message says which key and what to change."""
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
