@@ -2,17 +2,24 @@
 
 Errors a user can fix (a ConfigError, any ppmoe.errors.PpmoeError, bad input met while preparing a
 dataset) are printed as one line, `ppmoe: ...`, on stderr, with the error's exit code and no
-traceback. The heavy modules (torch, the trainer, the data pipeline) are imported inside the commands
-that need them, so `ppmoe config` and a refused config answer quickly.
+traceback. Every command's modules are imported at the top (the project's rule: no import hidden in a
+function), torch among them through the trainer, so `ppmoe config` and a refused config also wait for
+torch to import.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .config import ConfigError, load_config
+from .config.docs import reference_markdown
+from .data import prepare_dataset
 from .errors import DataError, PpmoeError
+from .launch.slurm import SlurmJob, render
+from .parallel import shutdown
+from .train import Trainer
 
 INTERRUPTED_EXIT_CODE = 130  # the shell's 128 + SIGINT
 CONFIG_ERROR_EXIT_CODE = 2
@@ -57,10 +64,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def write_slurm_script(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from .launch.slurm import SlurmJob, render
-
     fields = {k: v for k, v in vars(args).items() if k not in ("command", "out")}
     try:
         job = SlurmJob(**fields)
@@ -79,8 +82,6 @@ def prepare(cfg, overwrite: bool) -> int:
     """`ppmoe prepare`. What the data pipeline raises about its input (no documents, a pattern that
     matches nothing, a file that is not UTF-8, a missing column or package, a directory it refuses to
     replace, a disk that fills up) becomes a DataError naming the dataset directory."""
-    from .data import prepare_dataset
-
     try:
         prepare_dataset(cfg.data, overwrite=overwrite)
     except ConfigError:
@@ -91,9 +92,6 @@ def prepare(cfg, overwrite: bool) -> int:
 
 
 def train(cfg) -> int:
-    from .parallel import shutdown
-    from .train import Trainer
-
     try:
         Trainer(cfg).fit()
     finally:
@@ -116,7 +114,6 @@ def report(message: str, exit_code: int) -> int:
 
 def run(args: argparse.Namespace) -> int:
     if args.command == "config":
-        from .config.docs import reference_markdown
         print(reference_markdown())
         return 0
     cfg = load_config(args.config, args.overrides)

@@ -10,6 +10,11 @@ class PpmoeError(Exception):
     exit_code = 2
 
 
+class ConfigError(PpmoeError, ValueError):
+    """A config that cannot run; the message says which key and what to change. Also a ValueError, as
+    it always was, so callers that catch bad values keep catching it."""
+
+
 class DataError(PpmoeError):
     """A prepared dataset that cannot be trained on as it is (missing, damaged, too small, wrong vocabulary)."""
 

@@ -1,5 +1,6 @@
-"""Tests of ppmoe.config: loading (defaults < YAML < --set), key/type checking, cross-key validation,
-save/load round trips, the generated reference, and how the CLI reports config errors."""
+"""Tests of ppmoe.config: loading (defaults < YAML < --set), key/type checking, configs that validate,
+save/load round trips, the generated reference, and how the CLI reports config errors. The message of
+each rule a config can break is tested once, in test_config_rules.py."""
 
 from __future__ import annotations
 
@@ -218,16 +219,10 @@ def test_literal_rejects_bad_values_listing_allowed(key, bad, allowed):
     assert getattr(getattr(load_config(None, [f"{key}={allowed[-1]}"]), section), name) == allowed[-1]
 
 
-# ---- validate ------------------------------------------------------------------------------------
+# ---- validate: what is accepted (what is refused: test_config_rules.py) ---------------------------
 
 def cfg_with(*overrides: str) -> ExperimentConfig:
     return load_config(None, list(overrides))
-
-
-def validation_error(cfg: ExperimentConfig, world_size: int) -> str:
-    with pytest.raises(ConfigError) as info:
-        validate(cfg, world_size)
-    return str(info.value)
 
 
 def test_defaults_validate_on_one_process():
@@ -238,94 +233,14 @@ def test_defaults_validate_on_one_process():
     (1, [], 1),
     (2, [], 2),
     (8, ["parallel.tp=2", "train.global_batch_size=16"], 4),
-    (4, ["parallel.tp=4"], 1),
+    (4, ["parallel.tp=4"], 1),  # the derived ffn_hidden (8/3 * 64 -> 192) divides by tp
     (4, ["parallel.tp=2", "parallel.dp=2"], 2),
+    (4, ["train.global_batch_size=16", "train.micro_batch_size=4"], 4),
+    (2, ["model.n_layers=4", "train.global_batch_size=8", "train.micro_batch_size=2", "parallel.pp=2"], 1),
+    (2, ["moe.num_experts=4", "moe.dispatcher=alltoall"], 2),  # moe.ep derived from dp
 ])
 def test_dp_derived_from_world_size(world_size, overrides, dp):
     assert validate(cfg_with(*overrides), world_size) == dp
-
-
-def test_tp_must_divide_n_heads():
-    msg = validation_error(cfg_with("model.n_heads=4", "model.d_model=64", "parallel.tp=3",
-                                    "model.ffn_hidden=96", "model.vocab_multiple=129"), 3)
-    assert "model.n_heads=4" in msg and "parallel.tp=3" in msg
-
-
-def test_tp_must_divide_n_kv_heads():
-    msg = validation_error(cfg_with("model.n_heads=8", "model.n_kv_heads=2", "model.d_model=64",
-                                    "parallel.tp=4"), 4)
-    assert "model.n_kv_heads=2" in msg and "parallel.tp=4" in msg
-
-
-def test_tp_must_divide_ffn_hidden():
-    msg = validation_error(cfg_with("model.ffn_hidden=98", "parallel.tp=4"), 4)
-    assert "model.ffn_hidden=98" in msg and "parallel.tp=4" in msg
-    # The derived size (8/3 * 64 -> 192) is checked as well.
-    assert validate(cfg_with("parallel.tp=4"), 4) == 1
-
-
-def test_kv_heads_must_divide_heads():
-    msg = validation_error(cfg_with("model.n_heads=4", "model.n_kv_heads=3"), 1)
-    assert "model.n_kv_heads=3" in msg and "model.n_heads=4" in msg
-
-
-def test_heads_must_divide_d_model_and_head_dim_even():
-    msg = validation_error(cfg_with("model.d_model=60", "model.n_heads=8"), 1)
-    assert "model.n_heads=8" in msg and "model.d_model=60" in msg
-    msg = validation_error(cfg_with("model.d_model=36", "model.n_heads=4"), 1)
-    assert "head dim" in msg and "9" in msg
-
-
-def test_world_size_not_divisible_by_tp_pp():
-    msg = validation_error(cfg_with("parallel.tp=2"), 3)
-    assert "world size 3" in msg and "parallel.tp * parallel.pp = 2 * 1" in msg
-
-
-def test_explicit_dp_mismatching_world_size():
-    msg = validation_error(cfg_with("parallel.tp=2", "parallel.dp=3"), 4)
-    assert "world size is 4" in msg
-    assert "2 * 1 * 3 = 6" in msg
-
-
-def test_global_batch_not_divisible_by_micro_times_dp():
-    msg = validation_error(cfg_with("train.global_batch_size=8", "train.micro_batch_size=4"), 4)
-    assert "train.global_batch_size=8" in msg and "4 * 4" in msg
-    msg = validation_error(cfg_with("train.global_batch_size=6", "train.micro_batch_size=4"), 1)
-    assert "train.global_batch_size=6" in msg and "4 * 1" in msg
-    assert validate(cfg_with("train.global_batch_size=16", "train.micro_batch_size=4"), 4) == 4
-
-
-def test_pipeline_settings_are_checked():
-    base = ["model.n_layers=4", "train.global_batch_size=8", "train.micro_batch_size=2"]
-    assert validate(cfg_with(*base, "parallel.pp=2"), 2) == 1
-    assert "needs parallel.pp_virtual_stages >= 2" in validation_error(
-        cfg_with(*base, "parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b"), 2)
-    assert "runs one stage per rank" in validation_error(cfg_with(*base, "parallel.pp=2", "parallel.pp_virtual_stages=2"), 2)
-    assert "fewer than the 8 pipeline stages" in validation_error(
-        cfg_with(*base, "parallel.pp=4", "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual_stages=2"), 4)
-    assert "parallel.pp_layers=[3, 2]" in validation_error(cfg_with(*base, "parallel.pp=2", "parallel.pp_layers=[3,2]"), 2)
-    assert "tie_embeddings" in validation_error(cfg_with(*base, "parallel.pp=2", "model.tie_embeddings=true"), 2)
-    # 8 / (4 * 1) = 2 micro-batches cannot fill 4 stages
-    assert "2 micro-batches" in validation_error(cfg_with(*base, "train.micro_batch_size=4", "parallel.pp=4"), 4)
-    assert "pp_virtual_stages / pp_layers only apply" in validation_error(cfg_with("parallel.pp_layers=[2]"), 1)
-
-
-@pytest.mark.parametrize("override, key", [
-    ("train.steps=0", "train.steps"),
-    ("model.n_layers=0", "model.n_layers"),
-    ("parallel.tp=0", "parallel.tp"),
-    ("train.micro_batch_size=0", "train.micro_batch_size"),
-    ("train.warmup_steps=-1", "train.warmup_steps"),
-    ("train.grad_clip=-0.5", "train.grad_clip"),
-    ("data.val_fraction=1.0", "data.val_fraction"),
-])
-def test_out_of_range_values_name_the_key(override, key):
-    assert key in validation_error(cfg_with(override), 1)
-
-
-def test_min_lr_above_lr():
-    msg = validation_error(cfg_with("train.lr=1e-4", "train.min_lr=1e-3"), 1)
-    assert "train.min_lr" in msg and "train.lr" in msg
 
 
 # ---- save / load round trip ---------------------------------------------------------------------
@@ -457,7 +372,7 @@ def test_cli_validation_error_exits_2(tmp_path):
     assert not (tmp_path / "run").exists()  # nothing written before the config is accepted
 
 
-# ---- malformed input and optional sizes ------------------------------------------------------------
+# ---- malformed input -------------------------------------------------------------------------------
 
 def test_malformed_yaml_is_a_config_error(tmp_path):
     msg = config_error(write_yaml(tmp_path, "train: [unclosed\n"))
@@ -468,30 +383,7 @@ def test_malformed_override_value_is_a_config_error():
     assert "train.lr" in config_error(None, ["train.lr=["])
 
 
-@pytest.mark.parametrize("override, key", [
-    ("model.n_kv_heads=-2", "model.n_kv_heads"),
-    ("model.ffn_hidden=0", "model.ffn_hidden"),
-    ("model.ffn_hidden=-64", "model.ffn_hidden"),
-    ("model.vocab_size=0", "model.vocab_size"),
-])
-def test_optional_model_sizes_must_be_positive(override, key):
-    assert key in validation_error(cfg_with(override), 1)
-
-
 @pytest.mark.parametrize("override", ["train=[]", "train=false", "model=0"])
 def test_falsy_non_mapping_section_is_rejected(override):
     assert "mapping" in config_error(None, [override])
 
-
-def test_val_batches_and_warmup_are_checked():
-    assert "train.val_batches" in validation_error(cfg_with("train.val_batches=0"), 1)
-    assert "train.warmup_steps" in validation_error(cfg_with("train.warmup_steps=500", "train.steps=100"), 1)
-
-
-def test_alltoall_training_layout_is_checked():
-    moe = ["moe.num_experts=4", "moe.dispatcher=alltoall"]
-    assert "parallel.tp=1" in validation_error(cfg_with(*moe, "parallel.tp=2"), 2)
-    assert "moe.ep=4" in validation_error(cfg_with(*moe, "moe.ep=4"), 2)
-    assert "not divisible by the expert-parallel size" in validation_error(cfg_with(*moe), 8)
-    from ppmoe.config import validate
-    assert validate(cfg_with(*moe), 2) == 2  # ep derived from dp

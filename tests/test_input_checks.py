@@ -17,9 +17,8 @@ import numpy as np
 import pytest
 import yaml
 
-from ppmoe.config import ConfigError, DataConfig, load_config, validate
-from ppmoe.data import (check_dataset, check_output_dir, checkpoint_bytes, iter_eval_batches, padded_model_vocab,
-                        prepare_dataset)
+from ppmoe.config import load_config, validate
+from ppmoe.data import check_dataset, check_output_dir, checkpoint_bytes, iter_eval_batches, padded_model_vocab
 from ppmoe.train.plan import stage_windows
 from ppmoe.data import checks
 from ppmoe.errors import DataError, RunDirError
@@ -268,19 +267,7 @@ def test_checkpoint_bytes_counts_weights_and_adam_moments():
     assert checkpoint_bytes(10**6, checkpoints=3) == int(3 * 12 * 10**6 * 1.05) + margin
 
 
-# ---- prepare agrees with the config's rules ------------------------------------------------------------
-
-@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1])
-def test_prepare_and_validate_agree_on_val_fraction(tmp_path, fraction):
-    with pytest.raises(ConfigError) as from_validate:
-        validate(load_config(None, [f"data.val_fraction={fraction}"]), 1)
-    cfg = DataConfig(dataset_dir=str(tmp_path / "out"), source="files", paths=[str(tmp_path / "*.txt")],
-                     val_fraction=fraction)
-    with pytest.raises(ConfigError) as from_prepare:
-        prepare_dataset(cfg, log=lambda *_: None)
-    assert str(from_prepare.value) == str(from_validate.value) == f"data.val_fraction must be in (0, 1), got {fraction}"
-    assert not (tmp_path / "out").exists()
-
+# ---- prepare's errors (that it refuses what training refuses: test_config_rules.py) -----------------------
 
 def test_prepare_reports_bad_input_as_one_line(tmp_path, capsys):
     from ppmoe.cli import main

@@ -16,11 +16,8 @@ from typing import Any
 
 import yaml
 
+from ..errors import ConfigError  # defined with the other user-facing errors; still importable from here
 from .schema import RENAMED_VALUES, ExperimentConfig
-
-
-class ConfigError(ValueError):
-    """A config that cannot run; the message says which key and what to change."""
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
@@ -172,7 +169,8 @@ def set_dotted(raw: dict, key: str, value: Any) -> None:
 
 
 def from_dict(cls: type, raw: dict, prefix: str):
-    """Recursively turn a mapping into dataclass `cls`, checking keys and types."""
+    """Recursively turn a mapping into dataclass `cls`, checking keys, types and the section's own rules
+    (its check(), called with `prefix`, so a stage's key reads growth.stages.N.model.n_heads)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -192,7 +190,10 @@ def from_dict(cls: type, raw: dict, prefix: str):
             values[name] = from_dict(hint, {} if value is None else value, prefix=f"{prefix}{name}.")
         else:
             values[name] = coerce(value, hint, f"{prefix}{name}")
-    return cls(**values)
+    section = cls(**values)
+    if hasattr(section, "check"):  # the section's own rules (schema.py), its keys spelled as the user wrote them
+        section.check(prefix)
+    return section
 
 
 def renamed_value(field: dataclasses.Field, value: Any, key: str) -> Any:

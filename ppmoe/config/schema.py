@@ -3,6 +3,13 @@
 Every field carries a docstring (the string literal under it); `ppmoe config` prints them and the
 README's config reference is generated from them. Precedence: command line (`--set a.b=v`) > YAML
 file > the defaults below.
+
+A section's own rules (ranges of its keys, and rules among its keys only) are its `check(prefix)`,
+which the loader runs as it builds the section, so a message spells the key as the user wrote it
+(`model.n_heads`, or `growth.stages.1.model.n_heads` for a stage). Rules that need two sections or the
+world size are in validate.py, the world and batch splits in layout.py, the growth plan in
+growth_rules.py. Building a dataclass in code (`ExperimentConfig()`, `dataclasses.replace`) checks
+nothing; `validate` runs every check.
 """
 
 from __future__ import annotations
@@ -10,8 +17,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
+from ..errors import ConfigError
+
 # Field metadata key: {old value: new value} of a renamed choice, still accepted with a deprecation message.
 RENAMED_VALUES = "renamed_values"
+
+
+def require_at_least(section: Any, prefix: str, low: float, *names: str) -> None:
+    """Each of the keys `names` of `section` is null or at least `low`."""
+    for name in names:
+        value = getattr(section, name)
+        if value is not None and value < low:
+            raise ConfigError(f"{prefix}{name} must be >= {low}, got {value}")
 
 
 @dataclass
@@ -43,6 +60,20 @@ class ModelConfig:
     init_std: float = 0.02
     """Standard deviation of the normal initialisation; output projections of each block are
     additionally scaled by 1/sqrt(2 * n_layers) (GPT-2)."""
+
+    def check(self, prefix: str) -> None:
+        """Raise a ConfigError naming the first broken rule; `prefix` is 'model.' or 'growth.stages.N.model.'."""
+        require_at_least(self, prefix, 1, "n_layers", "d_model", "n_heads", "vocab_multiple",
+                         "n_kv_heads", "ffn_hidden", "vocab_size")  # the last three may be null (derived)
+        kv_heads = self.n_kv_heads or self.n_heads
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"{prefix}n_heads={self.n_heads} must divide {prefix}d_model={self.d_model}")
+        if self.n_heads % kv_heads:
+            raise ConfigError(f"{prefix}n_kv_heads={kv_heads} must divide {prefix}n_heads={self.n_heads}")
+        head_dim = self.d_model // self.n_heads
+        if head_dim % 2:
+            raise ConfigError(f"head dim {prefix}d_model / {prefix}n_heads = {self.d_model} / {self.n_heads} = "
+                              f"{head_dim} must be even for rotary embeddings; change one of them")
 
 
 @dataclass
@@ -89,6 +120,18 @@ class MoEConfig:
     imbalance_warn_steps: int = 100
     """...for this many consecutive steps."""
 
+    def check(self, prefix: str) -> None:
+        """Raise a ConfigError naming the first broken rule; `prefix` is 'moe.' or 'growth.stages.N.moe.'."""
+        require_at_least(self, prefix, 0, "num_experts")
+        if self.num_experts == 0:
+            return  # a dense model: the other keys are not used
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ConfigError(f"{prefix}top_k={self.top_k} must be between 1 and {prefix}num_experts="
+                              f"{self.num_experts}")
+        require_at_least(self, prefix, 1, "every")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise ConfigError(f"{prefix}capacity_factor must be > 0 or null (dropless), got {self.capacity_factor}")
+
 
 @dataclass
 class PatchConfig:
@@ -110,6 +153,15 @@ class PatchConfig:
     over the whole run."""
     token_warmup_steps: Optional[int] = None
     """Warmup steps of the token phase's schedule; null means train.warmup_steps."""
+
+    def check(self, prefix: str) -> None:
+        """Raise a ConfigError naming the first broken rule; `prefix` is 'patch.'."""
+        if self.size < 1:
+            raise ConfigError(f"{prefix}size must be >= 1 (1 = token level), got {self.size}")
+        if not 0.0 <= self.fraction < 1.0:
+            raise ConfigError(f"{prefix}fraction must be in [0, 1) (the token phase needs some tokens), "
+                              f"got {self.fraction}")
+        require_at_least(self, prefix, 0, "token_warmup_steps")
 
 
 @dataclass
@@ -207,6 +259,27 @@ class ParallelConfig:
     """Data parallelism: 'fsdp' (FSDP2, parameters, gradients and optimizer state sharded over dp) or
     'ddp' (parameters replicated, gradients all-reduced)."""
 
+    def check(self, prefix: str) -> None:
+        """Raise a ConfigError naming the first broken rule; `prefix` is 'parallel.' or
+        'growth.stages.N.parallel.'. dp, and how tp * pp * dp meets the world size, are layout.py's."""
+        # tp and pp here, before anything divides by them (layout.py's own guard would blame the world size).
+        require_at_least(self, prefix, 1, "tp", "pp", "pp_virtual_stages")
+        if self.pp == 1:
+            if self.pp_virtual_stages != 1 or self.pp_layers:
+                raise ConfigError(f"{prefix}pp_virtual_stages / pp_layers only apply with {prefix}pp > 1; set "
+                                  f"{prefix}pp_virtual_stages: 1 and {prefix}pp_layers: null, or raise {prefix}pp")
+            return
+        interleaved = self.pp_schedule == "interleaved_1f1b"
+        if interleaved and self.pp_virtual_stages < 2:
+            raise ConfigError(f"{prefix}pp_schedule=interleaved_1f1b needs {prefix}pp_virtual_stages >= 2")
+        if not interleaved and self.pp_virtual_stages != 1:
+            raise ConfigError(f"{prefix}pp_schedule={self.pp_schedule} runs one stage per rank: set "
+                              f"{prefix}pp_virtual_stages: 1 or use interleaved_1f1b")
+        stages = self.pp * self.pp_virtual_stages
+        if self.pp_layers is not None and (len(self.pp_layers) != stages or min(self.pp_layers) < 1):
+            raise ConfigError(f"{prefix}pp_layers={self.pp_layers} must have {stages} entries (pp * "
+                              f"pp_virtual_stages), each >= 1")
+
 
 @dataclass
 class TrainConfig:
@@ -266,6 +339,22 @@ class TrainConfig:
     """Log a warning when a logged loss exceeds this many times the moving average of the earlier logged
     losses (a loss spike); 0 disables."""
 
+    def check(self, prefix: str) -> None:
+        """Raise a ConfigError naming the first broken rule; `prefix` is 'train.' or 'growth.stages.N.train.'.
+        warmup_steps against steps is validate.py's: a stage sets its own warmup, the run its steps."""
+        require_at_least(self, prefix, 1, "steps", "global_batch_size", "micro_batch_size", "seq_len", "log_every",
+                         "nonfinite_max")
+        if self.val_every:
+            require_at_least(self, prefix, 1, "val_batches")
+        require_at_least(self, prefix, 0, "warmup_steps", "val_every", "grad_clip")
+        if self.loss_spike_factor < 0 or 0 < self.loss_spike_factor <= 1:
+            raise ConfigError(f"{prefix}loss_spike_factor must be above 1 (or 0 to disable), got "
+                              f"{self.loss_spike_factor}")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"{prefix}min_lr={self.min_lr} is above {prefix}lr={self.lr}; lower {prefix}min_lr")
+        if self.resume not in ("auto", "none") and not self.resume:
+            raise ConfigError(f"{prefix}resume must be 'auto', 'none' or a checkpoint path")
+
 
 @dataclass
 class DataConfig:
@@ -305,6 +394,13 @@ class DataConfig:
     tokenizer_documents: int = 100_000
     """Documents the BPE is trained on when streaming (they are also training data)."""
 
+    def check(self, prefix: str) -> None:
+        """Raise a ConfigError naming the first broken rule; `prefix` is 'data.'. `ppmoe prepare` runs this
+        too, so preparing and training accept the same data section and say the same."""
+        require_at_least(self, prefix, 1, "vocab_size", "shard_tokens")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"{prefix}val_fraction must be in (0, 1), got {self.val_fraction}")
+
 
 @dataclass
 class CheckpointConfig:
@@ -320,6 +416,10 @@ class CheckpointConfig:
     """Checkpoint directory; null means <output_dir>/checkpoints."""
     save_final: bool = True
     """Save a checkpoint after the last step."""
+
+    def check(self, prefix: str) -> None:
+        """Raise a ConfigError naming the first broken rule; `prefix` is 'checkpoint.'."""
+        require_at_least(self, prefix, 0, "every", "keep")
 
 
 @dataclass

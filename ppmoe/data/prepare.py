@@ -25,8 +25,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from ppmoe.config.schema import DataConfig, ExperimentConfig
-from ppmoe.config.validate import check_positive
+from ppmoe.config.schema import DataConfig
 from ppmoe.data.loader import META_FILE, SPLITS, read_meta
 from ppmoe.data.sources import describe_source, iter_documents
 from ppmoe.data.tokenizer import eos_id, load_tokenizer, train_bpe
@@ -50,7 +49,7 @@ def prepare_dataset(cfg: DataConfig, log: Callable[[str], object] = print, overw
             f"{out} exists, is not empty and holds no meta.json, so it is not a prepared dataset; "
             "refusing to replace it (choose another data.dataset_dir, or delete it, or overwrite)"
         )
-    _check_config(cfg)
+    cfg.check("data.")  # the data section's own rules, so `prepare` and `train` refuse the same configs alike
     _warn_leftovers(out, log)
     t0 = time.perf_counter()
 
@@ -197,14 +196,6 @@ class ShardWriter:
         self._file = open(self.directory / name, "wb")
         self.names.append(name)
         self._in_shard = 0
-
-
-def _check_config(cfg: DataConfig) -> None:
-    """The config's own rules for the data keys (val_fraction in (0, 1), shard_tokens and vocab_size >= 1),
-    so that `prepare` and `train` accept the same configs and say the same (a ConfigError). They live in
-    ppmoe.config.validate; checked on a config whose other sections are the defaults, which pass, so a
-    failure can only name a data.* key."""
-    check_positive(ExperimentConfig(data=cfg))
 
 
 def _num_val_docs(n_docs: int, val_fraction: float) -> int:
