@@ -387,3 +387,14 @@ def test_malformed_override_value_is_a_config_error():
 def test_falsy_non_mapping_section_is_rejected(override):
     assert "mapping" in config_error(None, [override])
 
+
+
+def test_renamed_dispatcher_value_is_accepted_with_a_deprecation_message():
+    """moe.dispatcher 'pipeline' (Pipeline-MoE) was renamed 'experts_in_tp' (it is not pipeline parallelism);
+    configs written before keep working, and say what to write instead."""
+    with pytest.warns(FutureWarning, match="moe.dispatcher: 'pipeline' is now called 'experts_in_tp'.*"
+                                           "write moe.dispatcher: experts_in_tp"):
+        cfg = load_config(None, ["moe.num_experts=4", "moe.dispatcher=pipeline"])
+    assert cfg.moe.dispatcher == "experts_in_tp"
+    with pytest.raises(ConfigError, match="moe.dispatcher must be one of 'experts_in_tp', 'alltoall', 'local'"):
+        load_config(None, ["moe.dispatcher=pipelined"])
