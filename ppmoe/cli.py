@@ -97,8 +97,10 @@ def train(cfg) -> int:
 
     try:
         Trainer(cfg).fit()
-    finally:
-        shutdown()
+    except BaseException:
+        shutdown()  # no barrier: the other ranks may never reach it
+        raise
+    shutdown(wait_for_all=True)
     return 0
 
 

@@ -25,9 +25,9 @@ class ParallelDims:
     world_size: int
 
     def __post_init__(self) -> None:
-        for name in ("tp", "pp", "dp"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        # tp, pp >= 1 are ParallelConfig.check's; dp is only known here (null: derived from the world)
+        if self.dp < 1:
+            raise ConfigError(f"parallel.dp must be >= 1, got {self.dp}")
         if self.tp * self.pp * self.dp != self.world_size:
             raise ConfigError(
                 f"parallel.tp * parallel.pp * parallel.dp = {self.tp} * {self.pp} * {self.dp} = "
@@ -84,7 +84,7 @@ def resolve_dp(cfg: ExperimentConfig, world_size: int) -> int:
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     if cfg.parallel.dp is not None:
         return cfg.parallel.dp
-    if tp < 1 or pp < 1 or world_size % (tp * pp):
+    if world_size % (tp * pp):
         raise ConfigError(
             f"world size {world_size} is not divisible by parallel.tp * parallel.pp = {tp} * {pp}; "
             f"launch a multiple of {tp * pp} processes or change tp/pp"
