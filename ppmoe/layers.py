@@ -78,6 +78,18 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+class GatedSwiGLU(SwiGLU):
+    """A SwiGLU whose output is scaled per token by sigmoid(gate x), gate: [1, d_model] (Qwen2-MoE's shared
+    expert). x: [..., d_model] -> [..., d_model]."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__(d_model, hidden)
+        self.gate = nn.Linear(d_model, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.gate(x)) * super().forward(x)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then h + ffn(norm(h))."""
 

@@ -501,3 +501,19 @@ def test_build_moment_scales_by_grad_scale_and_zeroes_new_tensors():
         build_moment(w1, moment, "momentum")
     fresh_gate = growth_map(BASE, shape(moe=moe()), ops())["layers.0.feed_forward.router.gate.weight"]
     assert torch.equal(build_moment(fresh_gate, None, "exp_avg"), torch.zeros(4, 16))
+
+
+# 7. The gated (Qwen2-MoE) shared expert -----------------------------------------------------------------------
+
+def test_a_gated_shared_expert_grows_exactly_in_width_and_hidden():
+    old = shape(moe=moe(top_k=2, every=2, shared_expert_hidden=16, shared_expert_gate=True))
+    new = shape(d_model=32, n_heads=8, n_kv_heads=4,
+                moe=moe(top_k=2, every=2, expert_hidden=64, shared_expert_hidden=32, shared_expert_gate=True))
+    recipes = assert_exact(old, new, ops(noise=0.01))
+    gate = recipes["layers.1.feed_forward.shared_expert.gate.weight"]
+    assert gate.shape == (1, 32) and (gate.scale, gate.copy_axis) == (0.5, 1)
+
+
+def test_a_new_gated_shared_expert_is_exact():
+    assert_exact(shape(moe=moe(top_k=2, every=2)),
+                 shape(moe=moe(top_k=2, every=2, shared_expert_hidden=16, shared_expert_gate=True)), ops())

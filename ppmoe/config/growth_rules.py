@@ -179,6 +179,9 @@ def check_experts(cfg: ExperimentConfig, old: ExperimentConfig, new: ExperimentC
                           f"keep their places while the model grows")
     if o.shared_expert_hidden and not n.shared_expert_hidden:
         raise ConfigError(f"{where('moe.shared_expert_hidden')}=0 after a stage with a shared expert: it cannot be removed")
+    if o.shared_expert_hidden and o.shared_expert_gate != n.shared_expert_gate:
+        raise ConfigError(f"{where('moe.shared_expert_gate')}={n.shared_expert_gate} differs from the previous stage's "
+                          f"{o.shared_expert_gate}: the shared expert keeps its form while the model grows")
     if o.shared_expert_hidden:
         ratio(n.shared_expert_hidden, o.shared_expert_hidden, where("moe.shared_expert_hidden"), "the shared expert")
     depth = (old.model.n_layers, new.model.n_layers, cfg.growth.ops.depth)

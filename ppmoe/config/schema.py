@@ -90,6 +90,9 @@ class MoEConfig:
     """SwiGLU hidden size of each expert; null means the dense model's ffn_hidden."""
     shared_expert_hidden: int = 0
     """Hidden size of a shared expert every token also goes through; 0 means none."""
+    shared_expert_gate: bool = False
+    """Scale the shared expert's output per token by sigmoid(w . x) (a learned [1, d_model] gate), as
+    Qwen2-MoE does; needed to export a model with a shared expert to transformers (Qwen2MoeForCausalLM)."""
     normalize_topk: bool = True
     """Renormalise the top-k gate weights to sum to 1 (only matters for top_k > 1)."""
     jitter: float = 0.0
@@ -319,6 +322,10 @@ class TrainConfig:
     resume: str = "auto"
     """'auto': continue from the newest complete checkpoint in the run directory if there is one;
     'none': always start fresh; or a path to a checkpoint directory to load."""
+    init_from: Optional[str] = None
+    """A checkpoint whose model weights a fresh run starts from (step 0, a new optimizer and schedule):
+    one written by `ppmoe import` (a transformers model) or any ppmoe checkpoint of the first stage's
+    shape. Ignored when the run resumes from its own checkpoint."""
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
     """Compute precision: 'auto' is bf16 autocast on GPU and fp32 on CPU. Parameters and optimizer
     state stay fp32."""
@@ -354,6 +361,8 @@ class TrainConfig:
             raise ConfigError(f"{prefix}min_lr={self.min_lr} is above {prefix}lr={self.lr}; lower {prefix}min_lr")
         if self.resume not in ("auto", "none") and not self.resume:
             raise ConfigError(f"{prefix}resume must be 'auto', 'none' or a checkpoint path")
+        if self.init_from is not None and not self.init_from:
+            raise ConfigError(f"{prefix}init_from must be a checkpoint path or null")
 
 
 @dataclass
@@ -434,6 +443,9 @@ class LoggingConfig:
     """'auto' is online when WANDB_API_KEY is set and offline otherwise (sync later with `wandb sync`)."""
     run_name: Optional[str] = None
     """Run name shown in wandb; null means the output directory's name."""
+    tensorboard: bool = False
+    """Also write the metrics as TensorBoard events to <output_dir>/tensorboard (needs the `tensorboard`
+    package): `tensorboard --logdir <output_dir>`."""
 
 
 @dataclass

@@ -26,6 +26,8 @@ HIDDEN_AXES = {
     "feed_forward.experts.w3": (2, False),               # [E, d, h]
     "feed_forward.experts.w2": (1, True),                # [E, h, d]
 }
+# FFN tensors with no hidden axis: tiling the hidden units leaves them as they are.
+NO_HIDDEN_AXIS = frozenset({"feed_forward.shared_expert.gate.weight"})  # [1, d]: the shared expert's gate
 
 
 def hidden_ratio(old_size: int, new_size: int, what: str) -> int:
@@ -38,7 +40,7 @@ def hidden_ratio(old_size: int, new_size: int, what: str) -> int:
 
 def tile_hidden(recipe: Recipe, name: str, times: int) -> Recipe:
     """Tile the hidden axis of FFN tensor `name` (in its grown layout) `times` times; identity for 1."""
-    if times == 1:
+    if times == 1 or name in NO_HIDDEN_AXIS:
         return recipe
     axis, is_input = HIDDEN_AXES[name]
     recipe = noted(with_steps(recipe, Tile(axis, times)), f"ffn tile x{times}")

@@ -44,6 +44,7 @@ WIDTH_AXES = {
     "feed_forward.shared_expert.w1.weight": ((1,), 1, False),        # [s, d]
     "feed_forward.shared_expert.w3.weight": ((1,), 1, False),        # [s, d]
     "feed_forward.shared_expert.w2.weight": ((0,), None, True),      # [d, s]
+    "feed_forward.shared_expert.gate.weight": ((1,), 1, False),      # [1, d]
 }
 
 

@@ -19,7 +19,8 @@ def moe_shape(cfg: ExperimentConfig, device_type: str = "cpu") -> MoEShape | Non
     return MoEShape(
         num_experts=moe.num_experts, top_k=moe.top_k, every=moe.every,
         expert_hidden=hidden,
-        shared_expert_hidden=moe.shared_expert_hidden, normalize_topk=moe.normalize_topk, jitter=moe.jitter,
+        shared_expert_hidden=moe.shared_expert_hidden,
+        shared_expert_gate=moe.shared_expert_gate, normalize_topk=moe.normalize_topk, jitter=moe.jitter,
         capacity_factor=moe.capacity_factor, aux_loss_coef=moe.aux_loss_coef, z_loss_coef=moe.z_loss_coef,
         expert_kernel=resolve_kernel(moe.expert_kernel, device_type, cfg.model.d_model, hidden),
     )

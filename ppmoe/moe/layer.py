@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..layers import SwiGLU
+from ..layers import GatedSwiGLU, SwiGLU
 from .aux_loss import attach_loss
 from .experts import GroupedExperts
 from .layout import LOCAL_EXPERTS, ExpertLayout
@@ -47,6 +47,15 @@ class MoEStats:
         self.pending.clear()
 
 
+def build_shared_expert(d_model: int, shape: MoEShape) -> nn.Module | None:
+    """The expert every token goes through (moe.shared_expert_hidden > 0), gated like Qwen2-MoE's when
+    moe.shared_expert_gate is set; None without one."""
+    if not shape.shared_expert_hidden:
+        return None
+    kind = GatedSwiGLU if shape.shared_expert_gate else SwiGLU
+    return kind(d_model, shape.shared_expert_hidden)
+
+
 class MoEFeedForward(nn.Module):
     """x [batch, seq, d_model] -> [batch, seq, d_model].
 
@@ -63,7 +72,7 @@ class MoEFeedForward(nn.Module):
                                  aux_loss_coef=shape.aux_loss_coef, z_loss_coef=shape.z_loss_coef,
                                  jitter_seed=jitter_seed)
         self.experts = GroupedExperts(shape.num_experts, d_model, shape.expert_hidden, shape.expert_kernel)
-        self.shared_expert = SwiGLU(d_model, shape.shared_expert_hidden) if shape.shared_expert_hidden else None
+        self.shared_expert = build_shared_expert(d_model, shape)
         self.layout = layout
         self.aux_loss_scale = aux_loss_scale
         self.stats = MoEStats(shape.num_experts)

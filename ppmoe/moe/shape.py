@@ -14,6 +14,7 @@ class MoEShape:
     every: int = 1
     expert_hidden: int = 0
     shared_expert_hidden: int = 0
+    shared_expert_gate: bool = False
     normalize_topk: bool = True
     jitter: float = 0.0
     capacity_factor: float | None = None
