@@ -1,4 +1,5 @@
-"""Command line: `python -m ppmoe {train,prepare,config,slurm} ...` (also installed as `ppmoe`).
+"""Command line: `python -m ppmoe {train,prepare,config,slurm,export,import,generate,plot} ...` (also
+installed as `ppmoe`).
 
 Errors a user can fix (a ConfigError, any ppmoe.errors.PpmoeError, bad input met while preparing a
 dataset) are printed as one line, `ppmoe: ...`, on stderr, with the error's exit code and no
@@ -58,7 +59,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     slurm.add_argument("--log-dir", default="logs")
     add_overrides_argument(slurm)
     slurm.add_argument("--out", help="write the script here instead of standard output")
+    add_interop_parsers(sub)
     return parser.parse_args(argv)
+
+
+def add_interop_parsers(sub) -> None:
+    """The commands that take a trained model elsewhere: export, import, generate, plot."""
+    export = sub.add_parser("export", help="write a checkpoint as a transformers model directory")
+    export.add_argument("checkpoint", help="a run directory (its newest checkpoint) or a step_<N> directory")
+    export.add_argument("--out", required=True, help="the new directory to write")
+    export.add_argument("--format", choices=["hf"], default="hf", help="hf: transformers (safetensors)")
+    export.add_argument("--arch", default="auto", help="auto (default), llama, mixtral or qwen2_moe")
+    export.add_argument("--tokenizer", help="tokenizer.json to ship (default: the checkpoint's own)")
+    export.add_argument("--config", help="the run's config, for checkpoints of an older ppmoe without model.json")
+    export.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors file (GB)")
+    imp = sub.add_parser("import", help="write a transformers model as a ppmoe checkpoint (for train.init_from)")
+    imp.add_argument("hf_dir", help="a transformers model directory (Llama, Mixtral or Qwen2-MoE, safetensors)")
+    imp.add_argument("--config", required=True, help="YAML experiment config describing the same model")
+    imp.add_argument("--out", required=True, help="the new checkpoint directory to write")
+    add_overrides_argument(imp)
 
 
 def write_slurm_script(args: argparse.Namespace) -> int:
@@ -117,10 +136,38 @@ def report(message: str, exit_code: int) -> int:
     return exit_code
 
 
+def export(args: argparse.Namespace) -> int:
+    from .interop.checkpoint_source import open_checkpoint  # deferred: imports torch (see the module docstring)
+    from .interop.export import export_checkpoint
+
+    source = open_checkpoint(args.checkpoint, args.config)
+    report_ = export_checkpoint(source, Path(args.out), args.arch, Path(args.tokenizer) if args.tokenizer else None,
+                                int(args.max_shard_gb * 1e9))
+    print(f"exported {source.path} as {report_.architecture} ({report_.parameters:,} parameters) to {report_.out}: "
+          f"load it with transformers.AutoModelForCausalLM.from_pretrained({str(report_.out)!r})")
+    return 0
+
+
+def import_(args: argparse.Namespace) -> int:
+    from .interop.import_hf import import_model  # deferred: imports torch (see the module docstring)
+
+    cfg = load_config(args.config, args.overrides)
+    record = import_model(Path(args.hf_dir), cfg, Path(args.out))
+    tokenizer = Path(args.out) / "tokenizer.json"
+    print(f"imported {args.hf_dir} ({record.shape.n_layers} layers, d_model {record.shape.d_model}) to {args.out}: "
+          f"start a run from it with --set train.init_from={args.out}"
+          + (f" (and prepare data with data.tokenizer={tokenizer})" if tokenizer.is_file() else ""))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     if args.command == "config":
         print(reference_markdown())
         return 0
+    if args.command == "export":
+        return export(args)
+    if args.command == "import":
+        return import_(args)
     cfg = load_config(args.config, args.overrides)
     if args.command == "slurm":
         return write_slurm_script(args)

@@ -6,7 +6,7 @@
 
 from ppmoe.data.chunked import ChunkedLoader
 from ppmoe.data.loader import BatchLoader, TokenStream, iter_eval_batches, read_meta
-from ppmoe.data.prepare import prepare_dataset
+from ppmoe.data.prepare import TOKENIZER_FILE, prepare_dataset
 from ppmoe.data.checks import check_dataset, check_output_dir, checkpoint_bytes, padded_model_vocab
 from ppmoe.data.sources import describe_source, iter_documents
 from ppmoe.data.tokenizer import EOS_TOKEN, eos_id, load_tokenizer, train_bpe
@@ -16,6 +16,7 @@ __all__ = [
     "ChunkedLoader",
     "EOS_TOKEN",
     "TokenStream",
+    "TOKENIZER_FILE",
     "check_dataset",
     "check_output_dir",
     "checkpoint_bytes",

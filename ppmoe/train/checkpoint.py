@@ -33,6 +33,8 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_s
                                                      set_state_dict)
 
 from ..errors import CheckpointError
+from ..model import GPTShape
+from ..model.record import read_model_record, shape_differences
 from ..storage.failures import WriteFailure, attempt, describe_failure, reading
 from ..storage.manifest import (NOT_IN_MANIFEST, Verdict, build_manifest, checkpoint_files, combine, files_written_by,
                                 looks_intact, manifest_entry, share_finding, write_manifest)
@@ -111,6 +113,10 @@ def resume_path_problem(path: Path) -> str | None:
         return (f"{path} is the next stage's grown model inside checkpoint {path.parent}, which a resume builds "
                 f"itself: point train.resume at {path.parent}")
     if (path / ".metadata").is_file():
+        record = read_model_record(path)
+        if record is not None and record.model_only:
+            return (f"{path} holds model weights only (written by `ppmoe import`), no optimizer or trainer state "
+                    f"to resume: start a run from it with train.init_from={path}")
         return None
     newest = newest_inside(path)
     if (path / "checkpoints").is_dir():
@@ -205,10 +211,34 @@ class CheckpointManager:
             log(f"note: {verdict.reason}")
         return path
 
+    def check_init_from(self, path: str | Path, shape: GPTShape) -> Path:
+        """Collective. `path` (train.init_from) if it is a checkpoint that verifies and holds weights of
+        `shape` (the first stage's); otherwise a CheckpointError saying what to change."""
+        path = Path(path)
+        if not (path / ".metadata").is_file():
+            newest = newest_inside(path) if path.is_dir() else None
+            instead = f"; the newest checkpoint inside is {newest}" if newest else ""
+            raise CheckpointError(f"train.init_from: {path} is not a checkpoint (no .metadata){instead}: point it at "
+                                  f"a directory written by `ppmoe import` or a step_<N> directory of a ppmoe run")
+        verdict = self.verify(path)
+        if not verdict.ok:
+            raise CheckpointError(f"train.init_from: checkpoint {path} is damaged ({verdict.reason}): import or copy "
+                                  f"it again")
+        record = read_model_record(path)
+        differences = shape_differences(record.shape, shape) if record is not None else []
+        if differences:
+            raise CheckpointError(f"train.init_from: {path} holds another model than the first stage's: "
+                                  f"{'; '.join(differences)} (checkpoint -> config); set the config to the "
+                                  f"checkpoint's values")
+        return path
+
     # ---- saving -------------------------------------------------------------------------------------------
-    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict) -> Path:
-        """Collective: every rank calls it. `trainer_state` must be the same on all ranks. A failure on any
-        rank raises CheckpointError on every rank, with step_<N>.tmp removed."""
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict,
+             attachments: dict[str, bytes] | None = None) -> Path:
+        """Collective: every rank calls it. `trainer_state` must be the same on all ranks. `attachments`:
+        small files rank 0 adds to the checkpoint ({name: content}: model.json, tokenizer.json), so that it
+        can be read without the run's config. A failure on any rank raises CheckpointError on every rank,
+        with step_<N>.tmp removed."""
         final, tmp = self.root / f"step_{step:08d}", self.root / f"step_{step:08d}.tmp"
         _, error = attempt(self.start_tmp, tmp) if self.rank == 0 else (None, None)
         self.agree(step, tmp, error)
@@ -216,7 +246,8 @@ class CheckpointManager:
         state = {"model": model_sd, "optim": optim_sd, "trainer": trainer_state}
         entries, error = attempt(self.write_rank_files, tmp, state)
         gathered = self.agree(step, tmp, error, entries)
-        _, error = attempt(self.publish, step, tmp, final, gathered) if self.rank == 0 else (None, None)
+        _, error = (attempt(self.publish, step, tmp, final, gathered, attachments or {}) if self.rank == 0
+                    else (None, None))
         self.agree(step, tmp, error)
         return final
 
@@ -230,8 +261,12 @@ class CheckpointManager:
         save_rng_file(tmp / "rng" / f"rank{self.rank}.pt")
         return {name: manifest_entry(tmp / name) for name in files_written_by(tmp, self.rank)}
 
-    def publish(self, step: int, tmp: Path, final: Path, gathered: list[dict[str, dict]]) -> None:
-        """Rank 0: write the manifest, then make the checkpoint visible at once, then rotate."""
+    def publish(self, step: int, tmp: Path, final: Path, gathered: list[dict[str, dict]],
+                attachments: dict[str, bytes]) -> None:
+        """Rank 0: write the attachments and the manifest, then make the checkpoint visible at once, then
+        rotate."""
+        for name, content in attachments.items():
+            (tmp / name).write_bytes(content)
         entries = {name: entry for part in gathered for name, entry in part.items()}
         # A file no rank claimed (DCP named it in a way files_written_by does not know) is checksummed
         # here rather than left out: the manifest must cover the whole checkpoint.

@@ -14,11 +14,12 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError, ExperimentConfig, check_growth, save_config, validate
-from ..data import (check_dataset, check_output_dir, checkpoint_bytes, iter_eval_batches, padded_model_vocab,
-                    read_meta)
+from ..data import (TOKENIZER_FILE, check_dataset, check_output_dir, checkpoint_bytes, iter_eval_batches,
+                    padded_model_vocab, read_meta)
 from ..errors import NonFiniteError
 from ..growth import GrowthSpec, grow_checkpoint
 from ..model import count_parameters, peak_flops_per_device
+from ..model.record import MODEL_RECORD, ModelRecord
 from ..parallel import clip_grad_norm, init_distributed
 from ..parallel.distributed import Runtime
 from .checkpoint import CheckpointManager
@@ -67,6 +68,8 @@ class Trainer:
         self.ckpt = CheckpointManager(cfg.checkpoint.dir or self.run_dir / "checkpoints", cfg.checkpoint.keep,
                                       self.rt.rank)
         self.resume_from = self.checkpoint_to_resume()
+        self.init_from = (self.ckpt.check_init_from(cfg.train.init_from, self.plan.stages[0].shape)
+                          if cfg.train.init_from and self.resume_from is None else None)
         if self.rt.is_main:  # only now: a refused start never overwrites the record of what the checkpoints hold
             save_config(cfg, self.run_dir / "config.yaml")
         self.meshes = MeshCache(self.rt.world_size, self.rt.device.type)
@@ -89,7 +92,8 @@ class Trainer:
         for note in check_dataset(cfg.data.dataset_dir, padded_model_vocab(cfg), windows,
                                   needs_val=cfg.train.val_every > 0 or len(windows) > 1):
             self.say(f"note: {note}")
-        plan = build_stage_plan(cfg, read_meta(cfg.data.dataset_dir)["vocab_size"], self.rt.device.type)
+        self.dataset_meta = read_meta(cfg.data.dataset_dir)
+        plan = build_stage_plan(cfg, self.dataset_meta["vocab_size"], self.rt.device.type)
         kept = cfg.checkpoint.keep + 1 if cfg.checkpoint.keep else 2  # the new one is written before pruning
         needed = checkpoint_bytes(max(count_parameters(s.shape) for s in plan.stages), kept)
         check_output_dir(cfg.output_dir, checkpoint_bytes(0) if cfg.checkpoint.dir else needed)
@@ -136,18 +140,36 @@ class Trainer:
             raise NonFiniteError(f"step {self.step}: the model or optimizer state is not finite; it was not saved, "
                                  f"and {self.last_checkpoint()} holds the last good state: lower train.lr and "
                                  f"resume from it")
-        path = self.ckpt.save(self.step, self.model, self.optimizer, self.trainer_state(probe_loss))
+        path = self.ckpt.save(self.step, self.model, self.optimizer, self.trainer_state(probe_loss),
+                              self.checkpoint_attachments())
         self.metrics.info(f"saved checkpoint {path}")
         return path
+
+    def checkpoint_attachments(self) -> dict[str, bytes]:
+        """model.json (what the weights are) and the run's tokenizer.json, so that `ppmoe export` and
+        `ppmoe generate` read a checkpoint on its own."""
+        stage = self.current.stage
+        record = ModelRecord(stage.shape, self.cfg.model.vocab_size or self.dataset_meta["vocab_size"],
+                             self.dataset_meta.get("eos_id"), stage.name, stage.patch_size)
+        files = {MODEL_RECORD: record.to_json().encode()}
+        tokenizer = Path(self.cfg.data.dataset_dir) / TOKENIZER_FILE
+        if tokenizer.is_file():
+            files[TOKENIZER_FILE] = tokenizer.read_bytes()
+        return files
 
     def last_checkpoint(self) -> str:
         newest = self.ckpt.latest()
         return newest.name if newest is not None else "no checkpoint yet"
 
     def maybe_resume(self) -> None:
+        """Continue from the run's checkpoint, or start from train.init_from's weights (a fresh run: step 0,
+        the optimizer and schedule new)."""
         if self.resume_from is not None:
             self.enter_from_checkpoint(self.resume_from)
             self.metrics.info(f"resumed from {self.resume_from} at step {self.step}")
+        elif self.init_from is not None:
+            self.ckpt.load_weights(self.init_from, self.model)
+            self.metrics.info(f"initialised the model from {self.init_from}")
 
     def roll_back(self) -> None:
         """train.nonfinite=rollback: reload the newest good checkpoint and carry on with the data after the bad

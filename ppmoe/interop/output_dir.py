@@ -1,0 +1,33 @@
+"""Writing a directory all at once: into <out>.tmp, renamed to <out> when complete, so an interrupted
+export or import never leaves a half-written model where a tool would load it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from ..errors import PpmoeError
+
+
+@contextmanager
+def fresh_directory(out: Path, flag: str = "--out") -> Iterator[Path]:
+    """Yield an empty temporary directory that becomes `out` when the block succeeds. A non-empty `out`
+    is refused (nothing is overwritten); the temporary directory is removed when the block fails."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise PpmoeError(f"{flag} {out} exists and is not empty: choose a new directory or remove it")
+    if not out.parent.is_dir():
+        raise PpmoeError(f"{flag} {out}: its parent directory {out.parent} does not exist")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        out.rmdir()
+    os.replace(tmp, out)
