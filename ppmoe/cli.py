@@ -73,6 +73,7 @@ def add_interop_parsers(sub) -> None:
     export.add_argument("--tokenizer", help="tokenizer.json to ship (default: the checkpoint's own)")
     export.add_argument("--config", help="the run's config, for checkpoints of an older ppmoe without model.json")
     export.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors file (GB)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     imp = sub.add_parser("import", help="write a transformers model as a ppmoe checkpoint (for train.init_from)")
     imp.add_argument("hf_dir", help="a transformers model directory (Llama, Mixtral or Qwen2-MoE, safetensors)")
     imp.add_argument("--config", required=True, help="YAML experiment config describing the same model")
@@ -142,7 +143,7 @@ def export(args: argparse.Namespace) -> int:
 
     source = open_checkpoint(args.checkpoint, args.config)
     report_ = export_checkpoint(source, Path(args.out), args.arch, Path(args.tokenizer) if args.tokenizer else None,
-                                int(args.max_shard_gb * 1e9))
+                                int(args.max_shard_gb * 1e9), overwrite=args.overwrite)
     print(f"exported {source.path} as {report_.architecture} ({report_.parameters:,} parameters) to {report_.out}: "
           f"load it with transformers.AutoModelForCausalLM.from_pretrained({str(report_.out)!r})")
     return 0

@@ -236,3 +236,22 @@ def test_resuming_from_an_imported_checkpoint_says_init_from(tiny_dataset, tmp_p
     import_model(tmp_path / "hf", tiny_config(tiny_dataset, tmp_path / "run"), tmp_path / "imported")
     from ppmoe.train.checkpoint import resume_path_problem
     assert "train.init_from=" in resume_path_problem(tmp_path / "imported")
+
+
+def test_init_from_another_model_is_refused_before_training(tiny_dataset, tmp_path):
+    from ppmoe.train import Trainer
+
+    random_hf_model("llama", tmp_path / "hf")
+    import_model(tmp_path / "hf", tiny_config(tiny_dataset, tmp_path / "run"), tmp_path / "imported")
+    cfg = tiny_config(tiny_dataset, tmp_path / "run2", ["model.n_layers=3", f"train.init_from={tmp_path / 'imported'}"])
+    with pytest.raises(RuntimeError, match=r"CheckpointError: train.init_from: .*model.n_layers: 2 -> 3"):
+        run_ranks(Trainer, 1, cfg)  # (the rank's error comes back wrapped, with its traceback)
+
+
+def test_export_overwrite_replaces_only_when_asked(trained, tmp_path, capsys):
+    out = tmp_path / "hf"
+    assert main(["export", str(trained["gqa_untied"]), "--out", str(out)]) == 0
+    assert main(["export", str(trained["gqa_untied"]), "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["export", str(trained["dense_tied"]), "--out", str(out), "--overwrite"]) == 0
+    assert AutoModelForCausalLM.from_pretrained(out).config.tie_word_embeddings

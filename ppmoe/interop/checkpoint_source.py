@@ -5,7 +5,6 @@ pp=2 or under FSDP loads into plain full tensors here; the optimizer state is ne
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from ..model.record import ModelRecord, read_model_record
 from ..storage.manifest import combine, share_finding
 from ..train.checkpoint import CheckpointManager, newest_inside
 from ..train.plan import build_stage_plan
+from .single_process import one_process_dcp
 
 
 @dataclass(frozen=True)
@@ -95,8 +95,7 @@ def read_model_state(path: Path, shape: GPTShape) -> dict[str, torch.Tensor]:
     missing = set(template) - set(state) - ({"output.weight"} if shape.tie_embeddings else set())
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {sorted(missing)[:3]} of the model its model.json describes")
-    with warnings.catch_warnings():  # one process on purpose: DCP's note that it assumes so says nothing new
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    with one_process_dcp():
         dcp.load({"model": state}, checkpoint_id=str(path), no_dist=True)
     if shape.tie_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]

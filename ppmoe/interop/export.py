@@ -41,8 +41,8 @@ def export_notes(source: CheckpointSource) -> list[str]:
 
 
 def export_checkpoint(source: CheckpointSource, out: Path, arch: str = "auto", tokenizer: Path | None = None,
-                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, log: Callable[[str], None] = print
-                      ) -> ExportReport:
+                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, log: Callable[[str], None] = print,
+                      overwrite: bool = False) -> ExportReport:
     """Write `source` as a transformers model into the new directory `out`. ExportRefused when no
     architecture represents the model exactly, or when there is no tokenizer to write."""
     record = source.record
@@ -55,7 +55,7 @@ def export_checkpoint(source: CheckpointSource, out: Path, arch: str = "auto", t
     for note in notes:
         log(f"note: {note}")
     tensors = to_hf(read_model_state(source.path, record.shape), record.shape, architecture, record.vocab_size)
-    with fresh_directory(out) as tmp:
+    with fresh_directory(out, overwrite=overwrite) as tmp:
         files = write_safetensors(tensors, tmp, max_shard_bytes)
         config = hf_config(architecture, record.shape, record.vocab_size, record.eos_id)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -21,6 +21,7 @@ from ..storage.manifest import build_manifest, checkpoint_files, manifest_entry,
 from .architectures import ARCHITECTURES
 from .output_dir import fresh_directory
 from .safetensors_files import read_safetensors
+from .single_process import one_process_dcp
 from .tokenizer_files import TOKENIZER_FILE
 from .weights import ImportRefused, from_hf
 
@@ -129,7 +130,8 @@ def import_model(hf_dir: Path, cfg: ExperimentConfig, out: Path) -> ModelRecord:
     record = ModelRecord(shape, config["vocab_size"], eos[0] if isinstance(eos, list) else eos, "imported", 1,
                          model_only=True)
     with fresh_directory(out) as tmp:
-        dcp.save({"model": state}, checkpoint_id=str(tmp), no_dist=True)
+        with one_process_dcp():
+            dcp.save({"model": state}, checkpoint_id=str(tmp), no_dist=True)
         write_model_record(tmp, record)
         if (hf_dir / TOKENIZER_FILE).is_file():
             shutil.copyfile(hf_dir / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
