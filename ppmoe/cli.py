@@ -79,6 +79,19 @@ def add_interop_parsers(sub) -> None:
     imp.add_argument("--config", required=True, help="YAML experiment config describing the same model")
     imp.add_argument("--out", required=True, help="the new checkpoint directory to write")
     add_overrides_argument(imp)
+    gen = sub.add_parser("generate", help="sample text from a trained model (one process, CPU or GPU)")
+    gen.add_argument("checkpoint", help="a run directory (its newest checkpoint) or a step_<N> directory")
+    gen.add_argument("--prompt", required=True, help="the text to continue")
+    gen.add_argument("--max-new-tokens", type=int, default=100)
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0 = all)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    gen.add_argument("--config", help="the run's config, for checkpoints of an older ppmoe without model.json")
+    plot = sub.add_parser("plot", help="draw loss, validation loss, tokens/s and expert load of runs")
+    plot.add_argument("runs", nargs="+", help="run directories (each with metrics.jsonl)")
+    plot.add_argument("--out", required=True, help="the PNG to write")
+    plot.add_argument("--labels", nargs="+", help="one legend label per run (default: the directory names)")
 
 
 def write_slurm_script(args: argparse.Namespace) -> int:
@@ -161,6 +174,38 @@ def import_(args: argparse.Namespace) -> int:
     return 0
 
 
+def generate(args: argparse.Namespace) -> int:
+    import torch  # deferred, with the modules below (see the module docstring)
+
+    from .data import load_tokenizer
+    from .inference import generate as sample
+    from .inference.from_checkpoint import load_for_generation
+    from .interop.checkpoint_source import open_checkpoint
+
+    source = open_checkpoint(args.checkpoint, args.config)
+    if source.tokenizer is None:
+        raise PpmoeError(f"no tokenizer.json for {source.path}: pass --config with the run's config")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    tokenizer = load_tokenizer(source.tokenizer)
+    prompt = tokenizer.encode(args.prompt).ids
+    model = load_for_generation(source, device)
+    try:
+        new = sample(model, prompt, args.max_new_tokens, args.temperature, args.top_k or None,
+                     source.record.eos_id, args.seed, vocab_size=source.record.vocab_size)
+    except ValueError as e:  # a request longer than the model's positions: the message says what to lower
+        return report(str(e), CONFIG_ERROR_EXIT_CODE)
+    print(tokenizer.decode(prompt + new))
+    return 0
+
+
+def plot(args: argparse.Namespace) -> int:
+    from .report import plot_runs  # deferred: imports matplotlib and torch (see the module docstring)
+
+    out = plot_runs([Path(r) for r in args.runs], Path(args.out), args.labels)
+    print(f"wrote {out}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     if args.command == "config":
         print(reference_markdown())
@@ -169,6 +214,10 @@ def run(args: argparse.Namespace) -> int:
         return export(args)
     if args.command == "import":
         return import_(args)
+    if args.command == "generate":
+        return generate(args)
+    if args.command == "plot":
+        return plot(args)
     cfg = load_config(args.config, args.overrides)
     if args.command == "slurm":
         return write_slurm_script(args)

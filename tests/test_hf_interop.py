@@ -255,3 +255,46 @@ def test_export_overwrite_replaces_only_when_asked(trained, tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
     assert main(["export", str(trained["dense_tied"]), "--out", str(out), "--overwrite"]) == 0
     assert AutoModelForCausalLM.from_pretrained(out).config.tie_word_embeddings
+
+
+def test_an_older_checkpoint_is_described_from_its_run_config(trained):
+    """Checkpoints written before model.json: the run's config.yaml, dataset and trainer state say the same."""
+    from ppmoe.interop.checkpoint_source import describe_from_run
+
+    for name in ("moe_every_2_shared", "dense_pp2"):
+        source = open_checkpoint(trained[name])
+        record, tokenizer = describe_from_run(source.path, None)
+        assert record == source.record
+        assert tokenizer.read_bytes() == source.tokenizer.read_bytes()
+
+
+# ---- generation ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", ["dense_tied", "moe_every_2_shared"])
+def test_greedy_generation_equals_transformers_generate(variant, trained, tiny_dataset, tmp_path):
+    from ppmoe.inference import generate
+    from ppmoe.inference.from_checkpoint import load_for_generation
+
+    source = open_checkpoint(trained[variant])
+    export_checkpoint(source, tmp_path / "hf", log=lambda _: None)
+    prompt = load_tokenizer(source.tokenizer).encode("the king shall").ids[:3]  # (max_seq_len is 16)
+    model = load_for_generation(source, torch.device("cpu"))
+    cached = generate(model, prompt, 13, temperature=0, eos_id=source.record.eos_id, vocab_size=300)
+    assert cached == generate(model, prompt, 13, temperature=0, eos_id=source.record.eos_id, vocab_size=300,
+                              use_cache=False)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=13, do_sample=False)[0, len(prompt):].tolist()
+    assert len(cached) >= 5, cached  # a comparison worth making (no early end of document)
+    assert theirs[:len(cached)] == cached
+
+
+def test_generate_command_prints_the_continued_prompt(trained, capsys):
+    assert main(["generate", str(trained["gqa_untied"]), "--prompt", "the king", "--max-new-tokens", "8",
+                 "--seed", "3"]) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("the king") and len(first) > len("the king\n")
+    assert main(["generate", str(trained["gqa_untied"]), "--prompt", "the king", "--max-new-tokens", "8",
+                 "--seed", "3"]) == 0
+    assert capsys.readouterr().out == first  # seeded: the same sample
+    assert main(["generate", str(trained["gqa_untied"]), "--prompt", "the king", "--max-new-tokens", "100"]) == 2
+    assert "lower --max-new-tokens" in capsys.readouterr().err

@@ -65,7 +65,8 @@ def describe_from_run(path: Path, config: Path | None) -> tuple[ModelRecord, Pat
     cfg = load_config(config)
     meta = read_meta(cfg.data.dataset_dir)
     plan = build_stage_plan(cfg, meta["vocab_size"])
-    state = CheckpointManager(path.parent, 0, 0).read_trainer_state(path, {"step": 0, "stage": -1})
+    with one_process_dcp():
+        state = CheckpointManager(path.parent, 0, 0).read_trainer_state(path, {"step": 0, "stage": -1})
     index = int(state["stage"])
     stage = plan.stages[index] if index >= 0 else plan.stage_for_step(max(int(state["step"]), 1))
     record = ModelRecord(stage.shape, cfg.model.vocab_size or meta["vocab_size"], meta.get("eos_id"), stage.name,
