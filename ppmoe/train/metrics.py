@@ -1,4 +1,4 @@
-"""Where metrics go: the console progress line, metrics.jsonl in the run directory, and wandb."""
+"""Where metrics go: the console progress line, metrics.jsonl in the run directory, wandb and TensorBoard."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ..config import ExperimentConfig, to_dict
+from .tensorboard_sink import TensorBoardSink
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -74,6 +75,17 @@ class WandbSink:
         self.run.finish()
 
 
+def build_sinks(cfg: ExperimentConfig, run_dir: Path) -> list:
+    """The destinations beside metrics.jsonl and the console that rank 0 writes every record to: each has
+    log(record) and close(), and each checks at once that its package is installed."""
+    sinks = []
+    if cfg.logging.wandb:
+        sinks.append(WandbSink(cfg, run_dir))
+    if cfg.logging.tensorboard:
+        sinks.append(TensorBoardSink(run_dir))
+    return sinks
+
+
 class MetricsLogger:
     """Rank 0 writes; the other ranks' calls do nothing. metrics.jsonl is appended to, so a resumed
     run continues the same file (a step logged twice after a crash: the later record wins)."""
@@ -84,7 +96,7 @@ class MetricsLogger:
         self.total_steps = cfg.train.steps if total_steps is None else total_steps
         self.show_stage = show_stage
         self.path = run_dir / "metrics.jsonl"
-        self.sinks = [WandbSink(cfg, run_dir)] if (is_main and cfg.logging.wandb) else []
+        self.sinks = build_sinks(cfg, run_dir) if is_main else []
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.is_main:
