@@ -74,6 +74,7 @@ RULES = [
     (["train.loss_spike_factor=0.5"], 1, "train.loss_spike_factor must be above 1 (or 0 to disable), got 0.5"),
     (["train.lr=1e-4", "train.min_lr=1e-3"], 1, "train.min_lr=0.001 is above train.lr=0.0001; lower train.min_lr"),
     (["train.resume=''"], 1, "train.resume must be 'auto', 'none' or a checkpoint path"),
+    (["train.init_from=''"], 1, "train.init_from must be a checkpoint path or null"),
     # ---- schema.py: DataConfig.check
     (["data.vocab_size=0"], 1, "data.vocab_size must be >= 1, got 0"),
     (["data.shard_tokens=0"], 1, "data.shard_tokens must be >= 1, got 0"),
@@ -128,6 +129,10 @@ RULES = [
     ([*THREE_STAGES, "growth.stages.1.model.n_heads=3"], 1,
      "growth.stages.1.model.n_heads=3 must divide growth.stages.1.model.d_model=64"),
     ([*THREE_STAGES, "growth.stages.0.parallel.tp=0"], 1, "growth.stages.0.parallel.tp must be >= 1, got 0"),
+    # ---- growth_rules.py: what may change between stages
+    ([*THREE_STAGES, "moe.num_experts=4", "moe.shared_expert_hidden=16", "moe.shared_expert_gate=true",
+      "growth.stages.0.moe={shared_expert_gate: false}"], 1,
+     "moe.shared_expert_gate=True differs from the previous stage's False"),
 ]
 
 

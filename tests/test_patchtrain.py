@@ -258,8 +258,8 @@ def train_writing_old_checkpoints(dataset_dir, output_dir, overrides, kill_at_st
 
     trainer = Trainer(tiny_config(dataset_dir, output_dir, overrides))
     save = trainer.ckpt.save
-    trainer.ckpt.save = lambda step, model, optimizer, state: save(
-        step, model, optimizer, {k: v for k, v in state.items() if k not in ("stage", "probe_loss")})
+    trainer.ckpt.save = lambda step, model, optimizer, state, attachments=None: save(
+        step, model, optimizer, {k: v for k, v in state.items() if k not in ("stage", "probe_loss")})  # (no model.json)
     die_before_step(trainer, kill_at_step)
     trainer.fit()
 
