@@ -298,3 +298,21 @@ def test_generate_command_prints_the_continued_prompt(trained, capsys):
     assert capsys.readouterr().out == first  # seeded: the same sample
     assert main(["generate", str(trained["gqa_untied"]), "--prompt", "the king", "--max-new-tokens", "100"]) == 2
     assert "lower --max-new-tokens" in capsys.readouterr().err
+
+
+def test_an_imported_dense_model_grows_into_an_moe_model(tiny_dataset, tmp_path):
+    """Upcycling a model one already has: import a Llama as the first (dense) stage of a growth plan whose
+    next stage is an MoE model; the run starts at the Llama's loss and ends with an MoE checkpoint."""
+    hf = random_hf_model("llama", tmp_path / "hf")
+    import_model(tmp_path / "hf", tiny_config(tiny_dataset, tmp_path / "run"), tmp_path / "imported")
+    cfg = tiny_config(tiny_dataset, tmp_path / "run", [
+        "moe.num_experts=4", "moe.top_k=2", "train.steps=4", "checkpoint.save_final=true",
+        "growth.stages=[{name: dense, share: 0.5, moe: {num_experts: 0}}, {name: moe, share: 0.5}]",
+        f"train.init_from={tmp_path / 'imported'}"])
+    t = cfg.train
+    x, y = BatchLoader(tiny_dataset, "train", t.seq_len, t.global_batch_size, 0, 1, t.seed).next_batch()
+    with torch.no_grad():
+        expected = F.cross_entropy(hf(x).logits.flatten(0, 1), y.flatten()).item()
+    assert run_ranks(first_loss, 2, cfg)[0] == pytest.approx(expected, abs=1e-5)
+    record = open_checkpoint(tmp_path / "run").record
+    assert record.stage == "moe" and record.shape.moe.num_experts == 4
