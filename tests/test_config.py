@@ -169,7 +169,7 @@ def test_unknown_key_without_close_match_has_no_suggestion(tmp_path):
     msg = config_error(write_yaml(tmp_path, {"parallel": {"zzzzzz": 1}}))
     assert "'parallel.zzzzzz'" in msg
     assert "Did you mean" not in msg
-    assert "dp, dp_type, pp, pp_layers, pp_schedule, pp_virtual_stages, tp" in msg
+    assert "dp, dp_type, pp, pp_layers, pp_schedule, pp_virtual_stages, sequence_parallel, tp" in msg
 
 
 def test_unknown_section(tmp_path):

@@ -75,6 +75,7 @@ RULES = [
     (["train.lr=1e-4", "train.min_lr=1e-3"], 1, "train.min_lr=0.001 is above train.lr=0.0001; lower train.min_lr"),
     (["train.resume=''"], 1, "train.resume must be 'auto', 'none' or a checkpoint path"),
     (["train.init_from=''"], 1, "train.init_from must be a checkpoint path or null"),
+    (["train.ac_every=-1"], 1, "train.ac_every must be >= 0, got -1"),
     # ---- schema.py: DataConfig.check
     (["data.vocab_size=0"], 1, "data.vocab_size must be >= 1, got 0"),
     (["data.shard_tokens=0"], 1, "data.shard_tokens must be >= 1, got 0"),

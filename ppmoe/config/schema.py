@@ -249,8 +249,10 @@ class ParallelConfig:
     """Tensor-parallel size (ranks that split each layer's weights)."""
     pp: int = 1
     """Pipeline-parallel size (ranks in one pipeline)."""
-    pp_schedule: Literal["1f1b", "gpipe", "interleaved_1f1b"] = "1f1b"
-    """Pipeline schedule (torch.distributed.pipelining). 'interleaved_1f1b' needs pp_virtual_stages >= 2."""
+    pp_schedule: Literal["1f1b", "gpipe", "interleaved_1f1b", "interleaved_zb", "zbv", "dualpipev"] = "1f1b"
+    """Pipeline schedule (torch.distributed.pipelining). 'interleaved_1f1b' and 'interleaved_zb'
+    (interleaved zero bubble) need pp_virtual_stages >= 2; 'zbv' (zero-bubble V) and 'dualpipev' run two
+    stages per rank in a V (pp_virtual_stages: 2)."""
     pp_virtual_stages: int = 1
     """Stages per pipeline rank (interleaved schedules): the model is cut into pp * pp_virtual_stages stages."""
     pp_layers: Optional[list[int]] = None
@@ -258,6 +260,10 @@ class ParallelConfig:
     balances layer counts."""
     dp: Optional[int] = None
     """Data-parallel size; null means world_size / (tp * pp)."""
+    sequence_parallel: bool = False
+    """Under tensor parallelism, shard the norms and residual stream over the sequence (all-gather into
+    attention and the FFN, reduce-scatter out; Pipeline-MoE's dispatcher likewise): the same bytes as the
+    all-reduce, 1/tp of the activation memory outside attention and the FFN. Off at tp 1."""
     dp_type: Literal["fsdp", "ddp"] = "fsdp"
     """Data parallelism: 'fsdp' (FSDP2, parameters, gradients and optimizer state sharded over dp) or
     'ddp' (parameters replicated, gradients all-reduced)."""
@@ -327,8 +333,18 @@ class TrainConfig:
     one written by `ppmoe import` (a transformers model) or any ppmoe checkpoint of the first stage's
     shape. Ignored when the run resumes from its own checkpoint."""
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
-    """Compute precision: 'auto' is bf16 autocast on GPU and fp32 on CPU. Parameters and optimizer
-    state stay fp32."""
+    """Compute precision: 'auto' is bf16 on GPU and fp32 on CPU. Parameters and optimizer state stay fp32."""
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    """Precision of the data-parallel gradient reduction under bf16 compute: 'fp32' (FSDP2's
+    MixedPrecisionPolicy reduce_dtype, exact sums) or 'bf16' (half the bytes)."""
+    activation_checkpointing: Literal["none", "selective", "full"] = "none"
+    """Recompute activations in the backward instead of keeping them: 'full' every block; 'selective'
+    every ac_every-th block, or (ac_every 0) per op: matmul outputs kept, the cheap ops recomputed."""
+    ac_every: int = 0
+    """With activation_checkpointing 'selective': checkpoint every this many blocks; 0 = per op."""
+    compile: bool = False
+    """torch.compile each transformer block (graph breaks only where the MoE layer's shapes depend on the
+    routing)."""
     peak_flops: Optional[float] = None
     """Peak FLOP/s of one device, for MFU; null means known GPUs are looked up and MFU is not shown
     elsewhere."""
@@ -353,7 +369,7 @@ class TrainConfig:
                          "nonfinite_max")
         if self.val_every:
             require_at_least(self, prefix, 1, "val_batches")
-        require_at_least(self, prefix, 0, "warmup_steps", "val_every", "grad_clip")
+        require_at_least(self, prefix, 0, "warmup_steps", "val_every", "grad_clip", "ac_every")
         if self.loss_spike_factor < 0 or 0 < self.loss_spike_factor <= 1:
             raise ConfigError(f"{prefix}loss_spike_factor must be above 1 (or 0 to disable), got "
                               f"{self.loss_spike_factor}")
