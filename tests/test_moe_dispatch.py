@@ -98,6 +98,7 @@ def _worker(kind, cases):
         assert type(layout) is cls, f"{kind} on {sizes(ws)} gave {type(layout).__name__}"
         m = build(shape, collapse, layout)
         owned = layout.distribute(m.experts)
+        layout.prepare_gradients(m.experts)
         expert_params = [getattr(m.experts, n) for n in ("w1", "w3", "w2")]
         # alltoall experts belong to one data-parallel rank each: data parallelism must leave them alone
         assert {id(p) for p in owned} == ({id(p) for p in expert_params} if kind == "alltoall" else set())

@@ -9,6 +9,7 @@ from ..moe.experts import resolve_kernel
 from ..moe.layout import LOCAL_EXPERTS, ExpertLayout
 from ..moe.shape import MoEShape
 from .gpt import GPT, GPTShape
+from .init import initialise
 
 
 def moe_shape(cfg: ExperimentConfig, device_type: str = "cpu") -> MoEShape | None:
@@ -41,23 +42,37 @@ def model_shape(cfg: ExperimentConfig, vocab_size: int | None = None, device_typ
     )
 
 
+def meta_model(shape: GPTShape, expert_layout: ExpertLayout = LOCAL_EXPERTS, aux_loss_scale: float = 1.0) -> GPT:
+    """The model's structure without storage (the meta device): what parallelism is applied to before any
+    weight exists (then `materialize`), and what shapes and counts are read from."""
+    with torch.device("meta"):
+        return GPT(shape, expert_layout, aux_loss_scale)
+
+
+def materialize(model: GPT, seed: int, device: torch.device | str) -> GPT:
+    """Give a meta-device model (or pipeline stage, possibly sharded) storage on `device` for its own
+    shards only, and initialise them as the one-process model of `seed` is (ppmoe.model.init): the
+    weights do not depend on the layout. Returns `model`."""
+    # Swapping keeps every Parameter object (what hooks, FSDP's ignored set and tied names refer to) and
+    # gives it storage; the default conversion would replace meta Parameters by new objects.
+    swapping = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.to_empty(device=device)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swapping)
+    initialise(model, seed, model.shape.init_std, model.shape.n_layers)
+    model.init_buffers()
+    return model
+
+
 def build_model(shape: GPTShape, seed: int, device: torch.device | str = "cpu",
                 expert_layout: ExpertLayout = LOCAL_EXPERTS, aux_loss_scale: float = 1.0) -> GPT:
-    """The full model, initialised identically on every rank (same seed), before any parallelism (which
-    `expert_layout` then applies to the experts: ppmoe.parallel.apply_expert_layout). `aux_loss_scale`:
-    the factor of the MoE aux losses (BatchLayout.loss_scale). Initialisation runs on CPU so the weights
-    do not depend on the device's random generator."""
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    model = GPT(shape, expert_layout, aux_loss_scale)
-    torch.random.set_rng_state(generator_state)
-    return model.to(device)
-
-
-def meta_model(shape: GPTShape) -> GPT:
-    """The model's structure without storage (the meta device): for shapes and counts, never for compute."""
-    with torch.device("meta"):
-        return GPT(shape)
+    """The whole model on one process, initialised from `seed` (the same weights every layout's shards
+    hold). `expert_layout`: where MoE layers' experts live; `aux_loss_scale`: the factor of the MoE aux
+    losses (BatchLayout.loss_scale). Parallel runs build `meta_model` and `materialize` it after
+    parallelism instead (ppmoe.train.parallelize), so no rank holds the whole model."""
+    return materialize(meta_model(shape, expert_layout, aux_loss_scale), seed, device)
 
 
 def parameter_shapes(shape: GPTShape) -> dict[str, tuple[int, ...]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +44,9 @@ def build_ffn(shape: GPTShape, index: int, expert_layout: ExpertLayout, aux_loss
 class GPT(nn.Module):
     """tokens [batch, seq] -> logits [batch, seq, vocab].
 
+    Build it with ppmoe.model.build (on the meta device, then materialised and initialised shard by shard
+    by ppmoe.model.init): the constructor allocates the structure and leaves the weights to that.
+
     Layers live in a ModuleDict keyed '0'..'L-1' so that a pipeline stage can drop the layers it does
     not own and keep the others' names (checkpoint keys stay the same whatever the layout); likewise
     `tok_embeddings`, `norm` and `output` may be None on stages that do not own them.
@@ -65,23 +67,24 @@ class GPT(nn.Module):
         self.norm = RMSNorm(shape.d_model, shape.norm_eps)
         self.output = nn.Linear(shape.d_model, shape.vocab_size, bias=False)
         # Rotary tables are not parameters and not saved: they follow from the shape.
-        cos, sin = rotary_tables(shape.d_model // shape.n_heads, shape.max_seq_len, shape.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-        self.reset_parameters()
-        if shape.tie_embeddings:
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.init_buffers()
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """With model.tie_embeddings, make the output head use the embedding's Parameter (where this part
+        of the model holds both). Called again after anything that replaces Parameters (materialising a
+        meta model, tensor parallelism)."""
+        if self.shape.tie_embeddings and self.tok_embeddings is not None and self.output is not None:
             self.output.weight = self.tok_embeddings.weight
 
-    def reset_parameters(self) -> None:
-        """GPT-2 init: N(0, std) everywhere, residual output projections scaled by 1/sqrt(2L)."""
-        std = self.shape.init_std
-        for name, p in self.named_parameters():
-            if p.dim() == 1:
-                nn.init.ones_(p)
-            elif name.endswith(("wo.weight", "w2.weight", "experts.w2")):
-                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.shape.n_layers))
-            else:
-                nn.init.normal_(p, 0.0, std)
+    def init_buffers(self) -> None:
+        """(Re)compute the rotary tables on the model's device: after construction, and after a model built
+        on the meta device gets its storage (ppmoe.model.build.materialize)."""
+        device = self.norm.weight.device if self.norm is not None else next(self.parameters()).device
+        cos, sin = rotary_tables(self.shape.d_model // self.shape.n_heads, self.shape.max_seq_len, self.shape.rope_theta)
+        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens

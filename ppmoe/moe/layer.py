@@ -28,7 +28,8 @@ class MoEStats:
         self.calls = 0
         self.aux_loss = 0.0
         self.z_loss = 0.0
-        self.tokens_per_expert = torch.zeros(self.num_experts, dtype=torch.int64)
+        # (on the CPU even when the model is built on the meta device: statistics are never parameters)
+        self.tokens_per_expert = torch.zeros(self.num_experts, dtype=torch.int64, device="cpu")
         self.assignments = 0
 
     def record(self, routing: Routing, aux_unscaled: torch.Tensor, z_unscaled: torch.Tensor) -> None:

@@ -19,3 +19,10 @@ def apply_expert_layout(model: nn.Module) -> set[nn.Parameter]:
         if isinstance(module, MoEFeedForward):
             owned.update(module.layout.distribute(module.experts))
     return owned
+
+
+def prepare_expert_gradients(model: nn.Module) -> None:
+    """Each MoE layer's layout sets up its experts' gradient handling, once the weights have storage."""
+    for module in model.modules():
+        if isinstance(module, MoEFeedForward):
+            module.layout.prepare_gradients(module.experts)

@@ -9,18 +9,21 @@ import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from ..model.build import materialize
 from ..model.gpt import GPT
 from ..config import BatchLayout, ParallelConfig, ParallelDims
 from ..parallel import apply_data_parallel, apply_expert_layout, apply_tensor_parallel
+from ..parallel.expert_parallel import prepare_expert_gradients
 from ..parallel.pipeline import StageUnion, build_schedule, split_for_pipeline
 from ..model.loss import LossFunction
 from .runner import PipelineRunner, SingleStageRunner
 
 
 def parallelize(model: GPT, par: ParallelConfig, dims: ParallelDims, batch: BatchLayout, mesh: DeviceMesh,
-                device: torch.device, loss_fn: LossFunction, autocast: Callable[[], ContextManager]):
-    """Returns (view, runner): `view` holds this rank's parameters under the whole model's names (for
-    the optimizer and checkpoints), `runner` runs a batch's forward and backward."""
+                device: torch.device, loss_fn: LossFunction, autocast: Callable[[], ContextManager], seed: int):
+    """`model` on the meta device -> (view, runner): `view` holds this rank's parameters under the whole
+    model's names (for the optimizer and checkpoints), materialised on `device` and initialised from
+    `seed` (the same values as a one-process model); `runner` runs a batch's forward and backward."""
     if dims.pp == 1:
         parts, ids = [model], [0]
     else:
@@ -29,6 +32,8 @@ def parallelize(model: GPT, par: ParallelConfig, dims: ParallelDims, batch: Batc
         apply_tensor_parallel(part, mesh["tp"])
         owned = apply_expert_layout(part)
         apply_data_parallel(part, mesh["dp"], par.dp_type, owned)
+        materialize(part, seed, device)  # this rank's shards only, now that every placement is known
+        prepare_expert_gradients(part)
     view: nn.Module = parts[0] if len(parts) == 1 else StageUnion(parts)
     if dims.pp == 1:
         return view, SingleStageRunner(model, batch, loss_fn, autocast)

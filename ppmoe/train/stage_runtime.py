@@ -20,7 +20,7 @@ from patchtrain import StageIO, stage_io
 
 from ..config import ParallelDims, resolve_layout
 from ..data import BatchLoader, ChunkedLoader
-from ..model import build_model
+from ..model.build import meta_model
 from ..model.loss import build_loss
 from ..moe import build_expert_layout
 from ..parallel import Runtime, build_mesh
@@ -103,8 +103,10 @@ def build_stage_runtime(plan: StagePlan, stage: Stage, rt: Runtime, meshes: Mesh
     autocast = autocast_factory(rt.device, t.dtype)
     shape = stage.shape
     experts = build_expert_layout(cfg.moe.dispatcher, mesh, shape.moe.num_experts if shape.moe else 0)
-    full = build_model(shape, t.seed, rt.device, experts, batch.loss_scale)
-    model, runner = parallelize(full, cfg.parallel, dims, batch, mesh, rt.device, build_loss(dims.tp), autocast)
+    # Built on the meta device: parallelize splits and shards it, then materialises this rank's shards only.
+    structure = meta_model(shape, experts, batch.loss_scale)
+    model, runner = parallelize(structure, cfg.parallel, dims, batch, mesh, rt.device, build_loss(dims.tp), autocast,
+                                t.seed)
     optimizer = build_optimizer(model, t, rt.device)
     io = stage_io(stage.patch_size, runner.parts, dims.tp, rt.device, t.seq_len)
     runner.set_loss(io.loss_fn)

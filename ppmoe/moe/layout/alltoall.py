@@ -24,7 +24,7 @@ from ..comm import all_to_all
 from ..experts import GroupedExperts
 from ..permute import combine, sort_by_expert
 from ..router import Routing
-from .base import ExpertLayout, shard_experts
+from .base import EXPERT_WEIGHTS, ExpertLayout, shard_experts
 
 
 class AllToAllExperts(ExpertLayout):
@@ -38,10 +38,11 @@ class AllToAllExperts(ExpertLayout):
         self.per_rank, self.num_experts = num_experts // self.size, num_experts
 
     def distribute(self, experts: GroupedExperts) -> list[nn.Parameter]:
-        params = shard_experts(experts, self.mesh)
-        for p in params:
-            p.register_hook(lambda grad: grad / self.size)
-        return params
+        return shard_experts(experts, self.mesh)
+
+    def prepare_gradients(self, experts: GroupedExperts) -> None:
+        for name in EXPERT_WEIGHTS:
+            getattr(experts, name).register_hook(lambda grad: grad / self.size)
 
     def __call__(self, x: torch.Tensor, routing: Routing, experts: GroupedExperts) -> torch.Tensor:
         """x: [T, d] this rank's tokens -> [T, d]."""

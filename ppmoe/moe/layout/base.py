@@ -4,7 +4,9 @@ One object per layout (local.py, experts_in_tp.py, alltoall.py), chosen once fro
 (`build_expert_layout`), handed to every MoE layer when the model is built, and owning all that differs
 between layouts:
 - `distribute(experts)`: the expert weights' placement (called once, after tensor parallelism and before
-  data parallelism; every rank holds the same full weights before it) and any gradient handling;
+  data parallelism, on the meta device: the weights get storage after every placement is known);
+- `prepare_gradients(experts)`: any gradient handling (hooks), once the weights have storage (hooks set
+  on a meta Parameter would not survive its materialisation);
 - `__call__(x, routing, experts)`: dispatch, expert compute and combine for one layer's tokens.
 """
 
@@ -31,6 +33,9 @@ class ExpertLayout:
         alone (each data-parallel rank owns different ones); none by default."""
         return []
 
+    def prepare_gradients(self, experts: GroupedExperts) -> None:
+        """Set up the experts' gradient handling, after their weights got storage; nothing by default."""
+
     def __call__(self, x: torch.Tensor, routing: Routing, experts: GroupedExperts) -> torch.Tensor:
         """x: [T, d_model] this rank's tokens -> [T, d_model] = sum over kept choices of gate * expert(x)."""
         raise NotImplementedError
@@ -42,7 +47,7 @@ class ExpertLayout:
 
 def shard_experts(experts: GroupedExperts, mesh: DeviceMesh) -> list[nn.Parameter]:
     """Replace w1/w3/w2 [E, ...] by DTensors sharded on dim 0 (whole experts per rank) over the 1-D
-    `mesh`; every rank must hold the same full weights before the call. Returns the new parameters.
+    `mesh` (on the meta device, or with every rank holding the same full weights). Returns the new parameters.
     Checkpoints then hold each expert once and load at any layout."""
     params = []
     for name in EXPERT_WEIGHTS:
