@@ -207,12 +207,14 @@ def write_synthetic_dataset(directory: Path, vocab_size: int, tokens: int, seed:
     return directory
 
 
-def row_overrides(model: str, variant: str, scale: Scale, smoke: bool, dataset_dir: Path, out_dir: Path) -> list[str]:
-    """The --set list of one (model, variant) row: shape, batch, precision, then the variant's keys."""
+def row_overrides(model: str, variant: str, scale: Scale, smoke: bool, dataset_dir: Path, out_dir: Path,
+                  micro_batch: int | None = None) -> list[str]:
+    """The --set list of one (model, variant) row: shape, batch (the model's micro-batch unless
+    `micro_batch` is given), precision, then the variant's keys."""
     shape = MODELS[model] + (SMOKE_SHAPES[model] if smoke else [])
     run = [f"output_dir={out_dir}", f"data.dataset_dir={dataset_dir}", "parallel.tp=1", "parallel.pp=1",
            f"train.seq_len={scale.seq_len}", f"train.global_batch_size={scale.global_batch}",
-           f"train.micro_batch_size={scale.micro_batch[model]}", f"train.dtype={scale.dtype}",
+           f"train.micro_batch_size={micro_batch or scale.micro_batch[model]}", f"train.dtype={scale.dtype}",
            "train.steps=1000", "train.warmup_steps=10", "train.val_every=0"]
     return shape + run + VARIANTS[variant][0]
 
@@ -276,30 +278,69 @@ def with_mfu(row: dict, measured_peak: float, datasheet_peak: float | None, goal
     return row
 
 
+def fit_micro_batch(run: Callable[[int], dict], micro_batch: int, device: torch.device) -> dict:
+    """`run(micro_batch)`, halving the micro-batch after each out-of-memory error down to 1 (the tokens per
+    step stay the same: more micro-batches are accumulated). The row says which micro-batch it ran and
+    which ran out of memory; the last error propagates when even 1 does not fit."""
+    too_large = []
+    while True:
+        try:
+            return {**run(micro_batch), "micro_batch": micro_batch, "micro_batches_out_of_memory": too_large}
+        except torch.cuda.OutOfMemoryError:
+            if micro_batch == 1:
+                raise
+            too_large.append(micro_batch)
+            micro_batch //= 2
+            free_device_memory(device)
+
+
+@dataclass(frozen=True)
+class RowContext:
+    """What every training row shares: sizes, the process, its meshes, the dataset, the peaks."""
+
+    scale: Scale
+    smoke: bool
+    rt: Runtime
+    meshes: MeshCache
+    dataset_dir: Path
+    run_dir: Path
+    warmup: int
+    steps: int
+    measured_peak: float
+    datasheet_peak: float | None
+
+
+def training_row(model: str, variant: str, ctx: RowContext) -> dict:
+    """One (model, variant) row in its own build; a failure (out of memory at micro-batch 1 included) is
+    recorded as the row's status rather than raised."""
+    def run(micro_batch: int) -> dict:
+        overrides = row_overrides(model, variant, ctx.scale, ctx.smoke, ctx.dataset_dir, ctx.run_dir, micro_batch)
+        return {"overrides": overrides,
+                **train_row(overrides, ctx.rt, ctx.meshes, ctx.scale.vocab_size, ctx.warmup, ctx.steps)}
+
+    head = {"model": model, "variant": variant}
+    print(f"  training {model} / {variant} ...", file=sys.stderr, flush=True)
+    free_device_memory(ctx.rt.device)
+    goal = GOALS["moe_mfu"] if "moe" in model else GOALS["dense_mfu"]
+    try:
+        row = fit_micro_batch(run, ctx.scale.micro_batch[model], ctx.rt.device)
+        return {**head, "status": "ok", **with_mfu(row, ctx.measured_peak, ctx.datasheet_peak, goal)}
+    except torch.cuda.OutOfMemoryError as e:
+        return {**head, "status": "oom", "error": str(e).splitlines()[0]}
+    except Exception as e:  # one broken variant must not hide the others' numbers
+        return {**head, "status": "error", "error": f"{type(e).__name__}: {e}"[:2000]}
+
+
 def training_rows(models: list[str], variants: list[str], scale: Scale, smoke: bool, rt: Runtime, warmup: int,
                   steps: int, measured_peak: float, datasheet_peak: float | None) -> list[dict]:
-    """Every (model, variant) row, each in its own build; a failure (out of memory included) is recorded."""
-    meshes = MeshCache(rt.world_size, rt.device.type)
-    rows = []
+    """Every (model, variant) row (expert-kernel variants for the MoE model only), on one synthetic dataset."""
     with tempfile.TemporaryDirectory(prefix="gpu_step_") as tmp:
         tokens = 2 * scale.global_batch * scale.seq_len + 1
         dataset = write_synthetic_dataset(Path(tmp) / "data", scale.vocab_size, tokens)
-        for model in models:
-            for variant in variants:
-                if VARIANTS[variant][1] and "moe" not in model:
-                    continue
-                overrides = row_overrides(model, variant, scale, smoke, dataset, Path(tmp) / "run")
-                head = {"model": model, "variant": variant, "overrides": overrides}
-                print(f"  training {model} / {variant} ...", file=sys.stderr, flush=True)
-                free_device_memory(rt.device)
-                goal = GOALS["moe_mfu"] if "moe" in model else GOALS["dense_mfu"]
-                try:
-                    row = train_row(overrides, rt, meshes, scale.vocab_size, warmup, steps)
-                    rows.append({**head, "status": "ok", **with_mfu(row, measured_peak, datasheet_peak, goal)})
-                except torch.cuda.OutOfMemoryError as e:
-                    rows.append({**head, "status": "oom", "error": str(e).splitlines()[0]})
-                except Exception as e:  # one broken variant must not hide the others' numbers
-                    rows.append({**head, "status": "error", "error": f"{type(e).__name__}: {e}"[:2000]})
+        ctx = RowContext(scale, smoke, rt, MeshCache(rt.world_size, rt.device.type), dataset, Path(tmp) / "run",
+                         warmup, steps, measured_peak, datasheet_peak)
+        rows = [training_row(model, variant, ctx) for model in models for variant in variants
+                if "moe" in model or not VARIANTS[variant][1]]
     free_device_memory(rt.device)
     return rows
 
@@ -445,13 +486,13 @@ def verdict(ok: bool) -> str:
 
 
 def training_table(rows: list[dict]) -> str:
-    lines = [f"{'model':<14} {'variant':<18} {'tokens/s':>10} {'step ms':>9} {'TFLOP/s':>8} {'MFU meas':>9} "
+    lines = [f"{'model':<14} {'variant':<18} {'mb':>3} {'tokens/s':>10} {'step ms':>9} {'TFLOP/s':>8} {'MFU meas':>9} "
              f"{'MFU sheet':>9} {'mem GiB':>8}  goal"]
     for r in rows:
         if r["status"] != "ok":
             lines.append(f"{r['model']:<14} {r['variant']:<18} {r['status']}: {r['error'].splitlines()[0][:100]}")
             continue
-        lines.append(f"{r['model']:<14} {r['variant']:<18} {r['tokens_per_s']:>10,.0f} {1e3 * r['step_s']:>9.1f} "
+        lines.append(f"{r['model']:<14} {r['variant']:<18} {r['micro_batch']:>3} {r['tokens_per_s']:>10,.0f} {1e3 * r['step_s']:>9.1f} "
                      f"{r['achieved_flops'] / 1e12:>8.1f} {percent(r['mfu_measured_peak']):>9} "
                      f"{percent(r['mfu_datasheet_peak']):>9} {r['peak_memory_gib']:>8.2f}  "
                      f">= {r['goal_mfu']:.0%} {verdict(r['meets_goal'])}")

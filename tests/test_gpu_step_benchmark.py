@@ -67,6 +67,8 @@ def test_smoke_training_rows(smoke):
         assert r["mfu_datasheet_peak"] is None  # no data sheet for a CPU
         assert r["goal_mfu"] == (0.40 if model.startswith("moe") else 0.50)
         assert len(r["step_s_timed"]) == result["args"]["steps"]
+        assert r["micro_batch"] == result["scale"]["micro_batch"][model] and not r["micro_batches_out_of_memory"]
+        assert f"train.micro_batch_size={r['micro_batch']}" in r["overrides"]
         assert all(map(lambda x: x == x and abs(x) < 100, (r["loss_first"], r["loss_last"])))  # finite losses
     # The variant's key reaches the model that is trained.
     for kernel in ("grouped_mm", "padded_bmm", "loop"):
@@ -118,3 +120,23 @@ def test_gpu_rows_are_valid_configs_of_the_claimed_shapes(tmp_path):
     assert (moe.moe.num_experts, moe.moe.top_k, moe.n_layers) == (16, 2, 24)
     routers = moe.n_layers * moe.d_model * moe.moe.num_experts
     assert matmul_params(moe) - routers == matmul_params(shapes["dense_350m"])
+
+
+def test_out_of_memory_halves_the_micro_batch():
+    """A row that does not fit runs again at half the micro-batch (same tokens per step), down to 1."""
+    import torch
+
+    bench = load_script()
+    tried = []
+
+    def run(micro_batch):
+        tried.append(micro_batch)
+        if micro_batch > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return {"tokens_per_s": 1.0}
+
+    row = bench.fit_micro_batch(run, 4, torch.device("cpu"))
+    assert tried == [4, 2, 1]
+    assert row == {"tokens_per_s": 1.0, "micro_batch": 1, "micro_batches_out_of_memory": [4, 2]}
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        bench.fit_micro_batch(lambda micro_batch: run(2), 1, torch.device("cpu"))
