@@ -28,7 +28,8 @@ are dropped and the median of `--steps` timed steps is the step time.
   (6 x active matmul parameters + causal attention); MFU against (a) the measured bf16 matmul peak (a loop of
   large torch.mm at start) and (b) the data-sheet peak looked up by device name
   (ppmoe.model.peak_flops_per_device: H100/H200 989 TFLOP/s dense bf16; unknown elsewhere); peak memory is
-  torch.cuda.max_memory_allocated over the row (build and steps). A row that runs out of memory or fails
+  torch.cuda.max_memory_allocated over the row (build and steps). A row that runs out of memory runs
+  again at half the micro-batch (the same tokens per step, accumulated), down to 1; a row that still fails
   says so and the others still run.
 
 MoE block (section 2). A standalone MoEFeedForward (the local expert layout, the MoE model's shape, its
