@@ -4,10 +4,10 @@ Single process, CPU fp32: the recompute runs the same kernels on the same inputs
 gradient are equal bit for bit with checkpointing none / full / selective every 2 / selective per op, for a
 dense model and an MoE model with router jitter (whose recompute must draw the same noise and record its
 statistics once). Parameter names stay the plain model's, and a checkpoint written with checkpointing on
-resumes with it off. Under tp2 (gloo, Pipeline-MoE experts_in_tp, jitter on) the run with per-op
-checkpointing matches the one-process run without it to fp32 rounding (TP sums partial products in
-another order: losses rtol 1e-5, gradients GRAD_TOL of each tensor's largest entry, as in
-test_parallel_equivalence.py).
+resumes with it off. Under tp2 (gloo, Pipeline-MoE experts_in_tp, jitter on; per-op) and tp2 x pp2
+(1F1B, every 2nd block, and full) the checkpointed runs match the one-process run without checkpointing
+to fp32 rounding (TP sums partial products in another order: losses rtol 1e-5, gradients GRAD_TOL of
+each tensor's largest entry, as in test_parallel_equivalence.py).
 """
 
 import pytest
@@ -19,7 +19,7 @@ from ppmoe.model.build import build_model
 from ppmoe.model.gpt import GPTShape
 from ppmoe.moe import MoEShape
 from ppmoe.parallel.activation_checkpointing import apply_activation_checkpointing, checkpointed_blocks
-from test_parallel_equivalence import GRAD_TOL, MOE, train_and_report
+from test_parallel_equivalence import GRAD_TOL, MOE, train_and_report, train_and_report_all_ranks
 
 MOE_SHAPE = MoEShape(num_experts=4, top_k=2, every=2, expert_hidden=32, shared_expert_hidden=16,
                      shared_expert_gate=False, normalize_topk=True, jitter=0.1, capacity_factor=None,
@@ -116,17 +116,37 @@ def test_checkpoint_saved_with_ac_resumes_without(tiny_dataset, tmp_path):
 
 
 MOE_JITTER = [*MOE, "moe.jitter=0.1"]
+# (world, reference overrides, overrides of the checkpointed run)
+PARALLEL_RUNS = {
+    "tp2_per_op": (2, MOE_JITTER, [*MOE_JITTER, "parallel.tp=2", "train.activation_checkpointing=selective"]),
+    # Without jitter: a pipeline run already draws other noise than one process does, checkpointing or not
+    # (the schedule runs forwards of its own, which advance the jitter counter).
+    "tp2_pp2_every_2": (4, [*MOE, "model.n_layers=4"],
+                        [*MOE, "model.n_layers=4", "parallel.tp=2", "parallel.pp=2",
+                         "train.activation_checkpointing=selective", "train.ac_every=2"]),
+    "tp2_pp2_full": (4, [*MOE, "model.n_layers=4"],
+                     [*MOE, "model.n_layers=4", "parallel.tp=2", "parallel.pp=2",
+                      "train.activation_checkpointing=full"]),
+}
 
 
-def test_tp2_moe_with_per_op_checkpointing_matches_one_process(tiny_dataset, tmp_path):
-    ref = run_ranks(train_and_report, 1, tiny_dataset, str(tmp_path / "ref"), MOE_JITTER)[0]
-    got = run_ranks(train_and_report, 2, tiny_dataset, str(tmp_path / "tp2"),
-                    [*MOE_JITTER, "parallel.tp=2", "train.activation_checkpointing=selective"])[0]
+@pytest.mark.parametrize("run", sorted(PARALLEL_RUNS))
+def test_parallel_moe_with_checkpointing_matches_one_process(run, tiny_dataset, tmp_path):
+    """Pipeline-MoE (experts_in_tp, jitter on) under TP, and TP x 1F1B pipeline, checkpointed, against the
+    one-process run without checkpointing. Every rank's gradients are gathered (pipeline ranks hold
+    different layers)."""
+    world, ref_overrides, overrides = PARALLEL_RUNS[run]
+    ref = run_ranks(train_and_report, 1, tiny_dataset, str(tmp_path / "ref"), ref_overrides)[0]
+    per_rank = run_ranks(train_and_report_all_ranks, world, tiny_dataset, str(tmp_path / run), overrides)
+    got = per_rank[0]
+    grads = {}
+    for rank_grads in per_rank:
+        grads.update({k: v for k, v in rank_grads.items() if k not in ("losses", "grad_norms", "moe")})
     assert ref["losses"][-1] < ref["losses"][0]
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=0)
     torch.testing.assert_close(torch.tensor(got["moe"]), torch.tensor(ref["moe"]), rtol=1e-5, atol=0)
-    assert got["grads"].keys() == ref["grads"].keys()
+    assert sorted(grads) == sorted(ref["grads"])
     for name, grad in ref["grads"].items():
         assert grad.abs().max() > 0, name
-        torch.testing.assert_close(got["grads"][name], grad, rtol=0, atol=GRAD_TOL * grad.abs().max().item(),
-                                   msg=lambda m: f"gradient of {name}: {m}")
+        torch.testing.assert_close(grads[name], grad, rtol=0, atol=GRAD_TOL * grad.abs().max().item(),
+                                   msg=lambda m: f"{run} gradient of {name}: {m}")
