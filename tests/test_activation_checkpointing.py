@@ -10,14 +10,20 @@ to fp32 rounding (TP sums partial products in another order: losses rtol 1e-5, g
 each tensor's largest entry, as in test_parallel_equivalence.py).
 """
 
+from collections import Counter
+
 import pytest
 import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ppmoe.parallel.activation_checkpointing as ac
 from multiproc import run_ranks
-from ppmoe.model.build import build_model
+from ppmoe.model.build import build_model, materialize, meta_model
 from ppmoe.model.gpt import GPTShape
 from ppmoe.moe import MoEShape
+from ppmoe.parallel import apply_tensor_parallel
 from ppmoe.parallel.activation_checkpointing import apply_activation_checkpointing, checkpointed_blocks
 from test_parallel_equivalence import GRAD_TOL, MOE, train_and_report, train_and_report_all_ranks
 
@@ -150,3 +156,47 @@ def test_parallel_moe_with_checkpointing_matches_one_process(run, tiny_dataset, 
         assert grad.abs().max() > 0, name
         torch.testing.assert_close(grads[name], grad, rtol=0, atol=GRAD_TOL * grad.abs().max().item(),
                                    msg=lambda m: f"{run} gradient of {name}: {m}")
+
+
+COLLECTIVES = {"all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", "all_to_all_single"}
+
+
+class CountCollectives(TorchDispatchMode):
+    """Counts the functional collectives (DTensor's) dispatched while active, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "_c10d_functional" and func.__name__.split(".")[0] in COLLECTIVES:
+            self.calls[func.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def backward_collectives(mode, every):
+    """Functional collectives (DTensor's TP all-reduces) issued during the backward of one tp2 dense step."""
+    dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
+    model = meta_model(MODELS["dense"])
+    apply_tensor_parallel(model, mesh)
+    apply_activation_checkpointing(model, mode, every)
+    materialize(model, 1, "cpu")
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    # The local vocabulary shard of the logits is enough to need every block's backward.
+    loss = model(tokens).to_local().float().pow(2).mean()
+    counter = CountCollectives()
+    with counter:
+        loss.backward()
+    return dict(counter.calls)
+
+
+def test_per_op_recompute_does_not_communicate(tiny_dataset):
+    """Per-op selective keeps DTensor's collective results, so its backward issues exactly the collectives of
+    a backward without checkpointing; full checkpointing re-runs each block's forward all-reduces."""
+    plain = run_ranks(backward_collectives, 2, "none", 0)[0]
+    per_op = run_ranks(backward_collectives, 2, "selective", 0)[0]
+    full = run_ranks(backward_collectives, 2, "full", 0)[0]
+    assert sum(plain.values()) > 0, plain
+    assert per_op == plain, (per_op, plain)
+    assert sum(full.values()) > sum(plain.values()), (full, plain)
