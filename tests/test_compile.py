@@ -3,10 +3,8 @@
 Inductor fuses elementwise ops and may reorder reductions, so compiled and eager agree to fp32 tolerance,
 not bit for bit: losses over 3 steps to rtol 1e-4. Kept small: compiling is slow on a loaded CPU.
 One process: a model with a dense and an MoE block (router jitter on), compiled alone and after full and
-per-op activation checkpointing. Then two gloo ranks of FSDP2 with the MoE layer against the one-process
-eager run. Not with tensor parallelism: on this torch (2.13) AOT autograd hands an eager DTensor
-redistribute a plain gradient in the backward of a compiled TP block, so compile with parallel.tp > 1 is
-refused by a config rule.
+per-op activation checkpointing. Then gloo runs against the one-process eager run: tp2 with Pipeline-MoE
+(experts_in_tp, DTensor TP) and per-op checkpointing, and two ranks of FSDP2 with the MoE layer.
 """
 
 import torch
@@ -56,6 +54,16 @@ def test_dp2_fsdp_moe_compiled_matches_one_process_eager(tiny_dataset, tmp_path)
     """FSDP2 (its hooks stay outside the compiled forwards) with the MoE layer, two gloo ranks."""
     ref = run_ranks(train_and_report, 1, tiny_dataset, str(tmp_path / "ref"), MOE)[0]
     got = run_ranks(train_and_report, 2, tiny_dataset, str(tmp_path / "dp2"), [*MOE, "train.compile=true"])[0]
+    assert ref["losses"][-1] < ref["losses"][0]
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=1e-4, atol=0)
+    torch.testing.assert_close(torch.tensor(got["grad_norms"]), torch.tensor(ref["grad_norms"]), rtol=1e-4, atol=0)
+
+
+def test_tp2_moe_compiled_matches_one_process_eager(tiny_dataset, tmp_path):
+    """DTensor TP blocks and the experts_in_tp layout, compiled, with per-op checkpointing inside."""
+    ref = run_ranks(train_and_report, 1, tiny_dataset, str(tmp_path / "ref"), MOE)[0]
+    got = run_ranks(train_and_report, 2, tiny_dataset, str(tmp_path / "tp2"),
+                    [*MOE, "parallel.tp=2", "train.compile=true", "train.activation_checkpointing=selective"])[0]
     assert ref["losses"][-1] < ref["losses"][0]
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=1e-4, atol=0)
     torch.testing.assert_close(torch.tensor(got["grad_norms"]), torch.tensor(ref["grad_norms"]), rtol=1e-4, atol=0)

@@ -86,8 +86,6 @@ RULES = [
     (["checkpoint.every=-1"], 1, "checkpoint.every must be >= 0, got -1"),
     (["checkpoint.keep=-1"], 1, "checkpoint.keep must be >= 0, got -1"),
     # ---- validate.py
-    (["train.compile=true", "parallel.tp=2"], 2, "train.compile is not supported with parallel.tp=2 yet (the "
-     "compiled backward of tensor-parallel blocks fails); set train.compile: false or parallel.tp: 1"),
     (["parallel.tp=3"], 3, "model.n_heads=4 is not divisible by parallel.tp=3; choose a tp that divides it"),
     (["model.n_heads=8", "model.n_kv_heads=2", "parallel.tp=4"], 4,
      "model.n_kv_heads=2 is not divisible by parallel.tp=4; choose a tp that divides it"),

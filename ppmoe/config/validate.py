@@ -103,14 +103,6 @@ def check_warmup_fits_run(cfg: ExperimentConfig) -> None:
                           f"train.warmup_steps")
 
 
-def check_compile_fits_layout(cfg: ExperimentConfig) -> None:
-    """torch.compile of TP blocks fails in the backward on torch 2.13 (AOT autograd hands DTensor's eager
-    redistribute a plain gradient; ppmoe.parallel.compile_blocks): refused before any training."""
-    if cfg.train.compile and cfg.parallel.tp > 1:
-        raise ConfigError(f"train.compile is not supported with parallel.tp={cfg.parallel.tp} yet (the compiled "
-                          f"backward of tensor-parallel blocks fails); set train.compile: false or parallel.tp: 1")
-
-
 def validate(cfg: ExperimentConfig, world_size: int) -> int:
     """Check the whole config for a run on `world_size` processes: the growth plan, then every stage as a
     run of its own (a plain run is one stage). Returns the final stage's data-parallel size."""
@@ -139,5 +131,4 @@ def validate_stage(cfg: ExperimentConfig, world_size: int) -> int:
     check_alltoall(cfg, dims.dp)
     batch_layout(cfg, dims)
     check_warmup_fits_run(cfg)
-    check_compile_fits_layout(cfg)
     return dims.dp

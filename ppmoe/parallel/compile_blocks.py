@@ -6,10 +6,10 @@ compiled version, an instance attribute like activation checkpointing's: the mod
 and checkpoint keys are unchanged, and FSDP2's hooks on the block's __call__ stay outside the compiled
 code. Compiling block by block keeps compile time that of one block (blocks of a kind share the code).
 
-Not with tensor parallelism yet: on torch 2.13 the compiled backward of a TP block (DTensor) fails (AOT
-autograd hands an eager DTensor redistribute a plain gradient, with the inductor and aot_eager backends
-alike), so ppmoe.config.validate refuses train.compile with parallel.tp > 1. Tested: one process, and
-FSDP2 over two gloo ranks, each with a dense and an MoE block.
+The first block after the embedding gets a copy of its input (`on_a_copy`): under TP the embedding's output
+is a view made by DTensor's to_local, and the compiled backward otherwise fails (seen on torch 2.13); the
+copy is done whatever the layout, so the code does not depend on it. Tested: one process, tp2 with Pipeline-MoE (and per-op checkpointing), FSDP2 over two
+ranks, each with dense and MoE blocks.
 
 Where the graph breaks (dynamo ends the graph there, runs that piece eagerly and compiles what follows;
 no error), all in the MoE block, where shapes depend on the routing:
@@ -27,8 +27,20 @@ Dense blocks (attention, SwiGLU, norms; their per-op checkpoint policy too) comp
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
+
+
+def on_a_copy(forward: Callable) -> Callable:
+    """`forward` given a copy of its input x: [batch, seq, d_model] rather than x itself. For the block after
+    the embedding: under TP the embedding's output is a view that DTensor's to_local made, and AOT autograd
+    sends the gradient of a view input to its base, here a DTensor, as a plain tensor (the backward fails
+    in DTensor's redistribute). One activation copy per step."""
+    def forward_on_copy(x: torch.Tensor, *args):
+        return forward(x.clone(), *args)
+    return forward_on_copy
 
 
 def apply_compile(model: nn.Module, enabled: bool) -> None:
@@ -36,5 +48,7 @@ def apply_compile(model: nn.Module, enabled: bool) -> None:
     place when `enabled`."""
     if not enabled:
         return
-    for block in model.layers.values():
+    for index, block in enumerate(model.layers.values()):
         block.forward = torch.compile(block.forward)
+        if index == 0 and model.tok_embeddings is not None:
+            block.forward = on_a_copy(block.forward)
