@@ -76,6 +76,8 @@ RULES = [
     (["train.resume=''"], 1, "train.resume must be 'auto', 'none' or a checkpoint path"),
     (["train.init_from=''"], 1, "train.init_from must be a checkpoint path or null"),
     (["train.ac_every=-1"], 1, "train.ac_every must be >= 0, got -1"),
+    (["train.ac_every=2"], 1, "train.ac_every=2 only applies with train.activation_checkpointing=selective (it "
+                              "is none); set train.ac_every: 0 or selective"),
     # ---- schema.py: DataConfig.check
     (["data.vocab_size=0"], 1, "data.vocab_size must be >= 1, got 0"),
     (["data.shard_tokens=0"], 1, "data.shard_tokens must be >= 1, got 0"),

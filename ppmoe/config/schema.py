@@ -341,7 +341,8 @@ class TrainConfig:
     """Recompute activations in the backward instead of keeping them: 'full' every block; 'selective'
     every ac_every-th block, or (ac_every 0) per op: matmul outputs kept, the cheap ops recomputed."""
     ac_every: int = 0
-    """With activation_checkpointing 'selective': checkpoint every this many blocks; 0 = per op."""
+    """With activation_checkpointing 'selective': checkpoint every this many blocks (blocks n-1, 2n-1, ... of
+    the whole model); 0 = per op on every block. Must stay 0 with 'none' and 'full'."""
     compile: bool = False
     """torch.compile each transformer block (graph breaks only where the MoE layer's shapes depend on the
     routing)."""
@@ -370,6 +371,10 @@ class TrainConfig:
         if self.val_every:
             require_at_least(self, prefix, 1, "val_batches")
         require_at_least(self, prefix, 0, "warmup_steps", "val_every", "grad_clip", "ac_every")
+        if self.ac_every and self.activation_checkpointing != "selective":
+            raise ConfigError(f"{prefix}ac_every={self.ac_every} only applies with {prefix}activation_checkpointing="
+                              f"selective (it is {self.activation_checkpointing}); set {prefix}ac_every: 0 or "
+                              f"selective")
         if self.loss_spike_factor < 0 or 0 < self.loss_spike_factor <= 1:
             raise ConfigError(f"{prefix}loss_spike_factor must be above 1 (or 0 to disable), got "
                               f"{self.loss_spike_factor}")

@@ -13,6 +13,16 @@ from .router import Routing, TopKRouter
 from .shape import MoEShape
 
 
+@torch.compiler.disable
+def dispatch_to_experts(layout: ExpertLayout, x: torch.Tensor, routing: Routing, experts: GroupedExperts
+                        ) -> torch.Tensor:
+    """`layout(x, routing, experts)`, run eagerly under torch.compile: from here on shapes depend on the
+    routing's data (nonzero, tokens per expert as Python ints, all-to-all split sizes), which would break
+    the graph and recompile for every new set of counts; fp32 torch._grouped_mm has no fake-tensor kernel
+    either. The block's other ops (attention, norms, router, shared expert) stay compiled."""
+    return layout(x, routing, experts)
+
+
 class MoEStats:
     """Detached per-layer statistics. Each forward appends a pending record; `commit` folds the records
     of real training micro-batches into the totals (a pipeline schedule also runs forwards of its own to
@@ -78,10 +88,21 @@ class MoEFeedForward(nn.Module):
         self.aux_loss_scale = aux_loss_scale
         self.stats = MoEStats(shape.num_experts)
 
+    def side_effects(self) -> tuple[int, int]:
+        """What one forward advances besides its output: (the router's jitter call counter, pending stats
+        records). Activation checkpointing reads it before a forward and rewinds it around the backward's
+        recompute (`rewind_side_effects`), so a recompute routes exactly as the forward did and records once."""
+        return self.router.jitter_calls, len(self.stats.pending)
+
+    def rewind_side_effects(self, state: tuple[int, int]) -> None:
+        """Set the jitter counter to state[0] and drop the stats records after the first state[1]."""
+        self.router.jitter_calls = state[0]
+        del self.stats.pending[state[1]:]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         routing = self.router(flat)
-        y = self.layout(flat, routing, self.experts)
+        y = dispatch_to_experts(self.layout, flat, routing, self.experts)
         if self.shared_expert is not None:
             y = y + self.shared_expert(flat)
         self.stats.record(routing, routing.aux_loss.detach(), routing.z_loss.detach())

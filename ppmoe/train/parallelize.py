@@ -11,8 +11,10 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from ..model.build import materialize
 from ..model.gpt import GPT
-from ..config import BatchLayout, ParallelConfig, ParallelDims
+from ..config import BatchLayout, ParallelConfig, ParallelDims, TrainConfig
 from ..parallel import apply_data_parallel, apply_expert_layout, apply_tensor_parallel
+from ..parallel.activation_checkpointing import apply_activation_checkpointing
+from ..parallel.compile_blocks import apply_compile
 from ..parallel.expert_parallel import prepare_expert_gradients
 from ..parallel.pipeline import StageUnion, build_schedule, split_for_pipeline
 from ..model.loss import LossFunction
@@ -20,10 +22,12 @@ from .runner import PipelineRunner, SingleStageRunner
 
 
 def parallelize(model: GPT, par: ParallelConfig, dims: ParallelDims, batch: BatchLayout, mesh: DeviceMesh,
-                device: torch.device, loss_fn: LossFunction, autocast: Callable[[], ContextManager], seed: int):
+                device: torch.device, loss_fn: LossFunction, autocast: Callable[[], ContextManager], seed: int,
+                train: TrainConfig = TrainConfig()):
     """`model` on the meta device -> (view, runner): `view` holds this rank's parameters under the whole
     model's names (for the optimizer and checkpoints), materialised on `device` and initialised from
-    `seed` (the same values as a one-process model); `runner` runs a batch's forward and backward."""
+    `seed` (the same values as a one-process model); `runner` runs a batch's forward and backward.
+    `train`: activation checkpointing and torch.compile of the blocks."""
     if dims.pp == 1:
         parts, ids = [model], [0]
     else:
@@ -31,6 +35,8 @@ def parallelize(model: GPT, par: ParallelConfig, dims: ParallelDims, batch: Batc
     for part in parts:
         apply_tensor_parallel(part, mesh["tp"])
         owned = apply_expert_layout(part)
+        apply_activation_checkpointing(part, train.activation_checkpointing, train.ac_every)
+        apply_compile(part, train.compile)
         apply_data_parallel(part, mesh["dp"], par.dp_type, owned)
         materialize(part, seed, device)  # this rank's shards only, now that every placement is known
         prepare_expert_gradients(part)

@@ -106,7 +106,7 @@ def build_stage_runtime(plan: StagePlan, stage: Stage, rt: Runtime, meshes: Mesh
     # Built on the meta device: parallelize splits and shards it, then materialises this rank's shards only.
     structure = meta_model(shape, experts, batch.loss_scale)
     model, runner = parallelize(structure, cfg.parallel, dims, batch, mesh, rt.device, build_loss(dims.tp), autocast,
-                                t.seed)
+                                t.seed, t)
     optimizer = build_optimizer(model, t, rt.device)
     io = stage_io(stage.patch_size, runner.parts, dims.tp, rt.device, t.seq_len)
     runner.set_loss(io.loss_fn)
