@@ -1,4 +1,4 @@
-"""Command line: `python -m ppmoe {train,prepare,config,slurm,export,import,generate,plot} ...` (also
+"""Command line: `python -m ppmoe {train,prepare,estimate,config,slurm,export,import,generate,plot} ...` (also
 installed as `ppmoe`).
 
 Errors a user can fix (a ConfigError, any ppmoe.errors.PpmoeError, bad input met while preparing a
@@ -42,6 +42,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         add_overrides_argument(p)
         if name == "prepare":
             p.add_argument("--overwrite", action="store_true", help="rebuild an existing prepared dataset")
+    estimate = sub.add_parser("estimate", help="print the memory one GPU needs for a config (no GPU, no data needed)")
+    estimate.add_argument("config")
+    estimate.add_argument("--gpus", type=int, help="world size (default: tp * pp * parallel.dp when dp is set, "
+                                                   "else one node of 8, or tp * pp when larger)")
+    estimate.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (default 80: H100)")
+    add_overrides_argument(estimate)
     sub.add_parser("config", help="print the config reference (every key, its default and meaning)")
     slurm = sub.add_parser("slurm", help="write an sbatch script (srun + torchrun, requeue on preemption)")
     slurm.add_argument("config")
@@ -121,6 +127,27 @@ def prepare(cfg, overwrite: bool) -> int:
         raise  # a ValueError too, but reported as a config error
     except (ValueError, KeyError, OSError, ImportError) as e:
         raise DataError(f"cannot prepare data.dataset_dir={cfg.data.dataset_dir}: {error_text(e)}") from e
+    return 0
+
+
+GPUS_PER_NODE = 8
+
+
+def default_world_size(cfg) -> int:
+    """`ppmoe estimate`'s world without --gpus: what the config pins (parallel.dp set), else one node of
+    GPUS_PER_NODE, or the tp * pp a single model replica needs when that is larger."""
+    model_parallel = cfg.parallel.tp * cfg.parallel.pp
+    if cfg.parallel.dp is not None:
+        return model_parallel * cfg.parallel.dp
+    return max(GPUS_PER_NODE, model_parallel)
+
+
+def estimate(cfg, args: argparse.Namespace) -> int:
+    from .train import config_report  # deferred: imports torch (see the module docstring)
+
+    world = args.gpus or default_world_size(cfg)
+    for line in config_report(cfg, world, int(args.gpu_memory_gib * 2 ** 30)):
+        print(line)
     return 0
 
 
@@ -223,6 +250,8 @@ def run(args: argparse.Namespace) -> int:
         return write_slurm_script(args)
     if args.command == "prepare":
         return prepare(cfg, args.overwrite)
+    if args.command == "estimate":
+        return estimate(cfg, args)
     return train(cfg)
 
 

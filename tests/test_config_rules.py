@@ -78,6 +78,8 @@ RULES = [
     (["train.ac_every=-1"], 1, "train.ac_every must be >= 0, got -1"),
     (["train.ac_every=2"], 1, "train.ac_every=2 only applies with train.activation_checkpointing=selective (it "
                               "is none); set train.ac_every: 0 or selective"),
+    (["train.dtype=fp32", "train.reduce_dtype=bf16"], 1, "train.reduce_dtype=bf16 applies to bf16 compute; with "
+     "train.dtype=fp32 gradients are reduced in fp32: set train.reduce_dtype: fp32, or train.dtype: bf16"),
     # ---- schema.py: DataConfig.check
     (["data.vocab_size=0"], 1, "data.vocab_size must be >= 1, got 0"),
     (["data.shard_tokens=0"], 1, "data.shard_tokens must be >= 1, got 0"),
@@ -102,9 +104,12 @@ RULES = [
     (["moe.num_experts=2", "moe.every=3"], 1, "moe.every=3 must be between 1 and model.n_layers=2"),
     (["moe.num_experts=3", "parallel.tp=2"], 2, "moe.num_experts=3 is not divisible by parallel.tp=2: Pipeline-MoE "
                                                 "gives each TP rank whole experts"),
-    (["moe.num_experts=2", "moe.expert_kernel=grouped_mm", "moe.expert_hidden=66"], 1,
+    (["moe.num_experts=2", "moe.expert_kernel=grouped_mm", "moe.expert_hidden=66", "train.dtype=fp32"], 1,
      "moe.expert_kernel=grouped_mm needs model.d_model (64) and the expert hidden size (66) divisible by 4 "
-     "(16-byte rows); use 'auto' or 'padded_bmm'"),
+     "(16-byte rows in train.dtype=fp32); use 'auto' or 'padded_bmm'"),
+    (["moe.num_experts=2", "moe.expert_kernel=grouped_mm", "moe.expert_hidden=68"], 1,
+     "moe.expert_kernel=grouped_mm needs model.d_model (64) and the expert hidden size (68) divisible by 8 "
+     "(16-byte rows in train.dtype=auto); use 'auto' or 'padded_bmm'"),
     (["moe.num_experts=2", "moe.shared_expert_hidden=3", "parallel.tp=2"], 2,
      "moe.shared_expert_hidden=3 is not divisible by parallel.tp=2; make it a multiple of parallel.tp"),
     ([*ALLTOALL, "parallel.tp=2"], 2, "moe.dispatcher=alltoall runs at parallel.tp=1"),

@@ -333,10 +333,14 @@ class TrainConfig:
     one written by `ppmoe import` (a transformers model) or any ppmoe checkpoint of the first stage's
     shape. Ignored when the run resumes from its own checkpoint."""
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
-    """Compute precision: 'auto' is bf16 on GPU and fp32 on CPU. Parameters and optimizer state stay fp32."""
+    """Compute precision: 'auto' is bf16 on GPU and fp32 on CPU. bf16 is FSDP2 mixed precision: the
+    data-parallel wrapper (also over one rank) casts each block's parameters to bf16 for compute; the
+    parameters (master weights), their gradients and AdamW's moments stay fp32; router, RoPE, norms'
+    statistics and the loss compute in fp32."""
     reduce_dtype: Literal["fp32", "bf16"] = "fp32"
-    """Precision of the data-parallel gradient reduction under bf16 compute: 'fp32' (FSDP2's
-    MixedPrecisionPolicy reduce_dtype, exact sums) or 'bf16' (half the bytes)."""
+    """Precision of the data-parallel gradient reduction (and of gradient accumulation between reductions)
+    under bf16 compute: 'fp32' (FSDP2's MixedPrecisionPolicy reduce_dtype, sums without bf16 rounding) or
+    'bf16' (half the bytes on the wire, rounded sums). Refused with dtype fp32; fp32 on CPU under 'auto'."""
     activation_checkpointing: Literal["none", "selective", "full"] = "none"
     """Recompute activations in the backward instead of keeping them: 'full' every block; 'selective'
     every ac_every-th block, or (ac_every 0) per op: matmul outputs kept, the cheap ops recomputed."""
@@ -380,6 +384,9 @@ class TrainConfig:
                               f"{self.loss_spike_factor}")
         if self.min_lr > self.lr:
             raise ConfigError(f"{prefix}min_lr={self.min_lr} is above {prefix}lr={self.lr}; lower {prefix}min_lr")
+        if self.dtype == "fp32" and self.reduce_dtype == "bf16":
+            raise ConfigError(f"{prefix}reduce_dtype=bf16 applies to bf16 compute; with {prefix}dtype=fp32 gradients "
+                              f"are reduced in fp32: set {prefix}reduce_dtype: fp32, or {prefix}dtype: bf16")
         if self.resume not in ("auto", "none") and not self.resume:
             raise ConfigError(f"{prefix}resume must be 'auto', 'none' or a checkpoint path")
         if self.init_from is not None and not self.init_from:

@@ -70,9 +70,12 @@ def check_moe_fits_model(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"moe.num_experts={moe.num_experts} is not divisible by parallel.tp={tp}: "
                           f"Pipeline-MoE gives each TP rank whole experts")
     hidden = moe.expert_hidden or derived_ffn_hidden(cfg.model)
-    if moe.expert_kernel == "grouped_mm" and (cfg.model.d_model % 4 or hidden % 4):
+    # 16-byte rows: 4 fp32 or 8 bf16 values ('auto' may be bf16: on a GPU)
+    per_row = 4 if cfg.train.dtype == "fp32" else 8
+    if moe.expert_kernel == "grouped_mm" and (cfg.model.d_model % per_row or hidden % per_row):
         raise ConfigError(f"moe.expert_kernel=grouped_mm needs model.d_model ({cfg.model.d_model}) and the expert "
-                          f"hidden size ({hidden}) divisible by 4 (16-byte rows); use 'auto' or 'padded_bmm'")
+                          f"hidden size ({hidden}) divisible by {per_row} (16-byte rows in "
+                          f"train.dtype={cfg.train.dtype}); use 'auto' or 'padded_bmm'")
     if moe.shared_expert_hidden % tp:
         raise ConfigError(f"moe.shared_expert_hidden={moe.shared_expert_hidden} is not divisible by parallel.tp={tp}; "
                           f"make it a multiple of parallel.tp")

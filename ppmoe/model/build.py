@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import ExperimentConfig, derived_ffn_hidden, padded_vocab_size
+from ..config import ExperimentConfig, compute_dtype, derived_ffn_hidden, padded_vocab_size
 from ..moe.experts import resolve_kernel
 from ..moe.layout import LOCAL_EXPERTS, ExpertLayout
 from ..moe.shape import MoEShape
@@ -23,7 +23,8 @@ def moe_shape(cfg: ExperimentConfig, device_type: str = "cpu") -> MoEShape | Non
         shared_expert_hidden=moe.shared_expert_hidden,
         shared_expert_gate=moe.shared_expert_gate, normalize_topk=moe.normalize_topk, jitter=moe.jitter,
         capacity_factor=moe.capacity_factor, aux_loss_coef=moe.aux_loss_coef, z_loss_coef=moe.z_loss_coef,
-        expert_kernel=resolve_kernel(moe.expert_kernel, device_type, cfg.model.d_model, hidden),
+        expert_kernel=resolve_kernel(moe.expert_kernel, device_type, cfg.model.d_model, hidden,
+                                     compute_dtype(cfg.train.dtype, device_type)),
     )
 
 

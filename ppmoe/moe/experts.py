@@ -57,14 +57,39 @@ EXPERT_KERNELS = {"loop": run_experts_loop, "padded_bmm": run_experts_padded_bmm
                   "grouped_mm": run_experts_grouped_mm}
 
 
-def resolve_kernel(name: str, device_type: str, d_model: int, hidden: int) -> str:
-    """'auto': grouped_mm where this torch has it, on CPU (measured fastest there) and for fp32 rows that
-    are 16-byte aligned (d_model and hidden divisible by 4, which _grouped_mm requires); padded_bmm
-    elsewhere (grouped_mm on GPU wants bf16, not yet tested here)."""
+# Bytes per element of the compute dtype (train.dtype resolved: ppmoe.config.compute_dtype).
+DTYPE_BYTES = {"fp32": 4, "bf16": 2}
+# torch._grouped_mm on CUDA: the CUTLASS kernel torch ships needs Hopper (sm_90) or newer, and bf16.
+GROUPED_MM_MIN_CAPABILITY = (9, 0)
+
+
+def rows_aligned(d_model: int, hidden: int, dtype: str) -> bool:
+    """_grouped_mm wants 16-byte row strides: d_model and hidden multiples of 4 in fp32, of 8 in bf16."""
+    per_row = 16 // DTYPE_BYTES[dtype]
+    return d_model % per_row == 0 and hidden % per_row == 0
+
+
+def resolve_kernel(name: str, device_type: str, d_model: int, hidden: int, dtype: str = "fp32",
+                   capability: tuple[int, int] | None = None) -> str:
+    """The expert kernel for moe.expert_kernel `name`; 'auto' is decided here, once, at build time:
+    - CPU: grouped_mm (measured fastest there, see run_experts_grouped_mm) when rows are 16-byte aligned;
+    - CUDA: grouped_mm on a device of compute capability >= 9.0 (Hopper) computing in bf16 with aligned
+      rows (no padding, one kernel per matmul for all experts); padded_bmm otherwise (older GPUs, fp32);
+    - padded_bmm wherever this torch has no _grouped_mm.
+    `dtype`: the compute dtype, 'fp32' or 'bf16'; `capability`: the CUDA device's (major, minor), read
+    from the current device when None (tests pass it in)."""
     if name != "auto":
         return name
-    aligned = d_model % 4 == 0 and hidden % 4 == 0
-    return "grouped_mm" if device_type == "cpu" and aligned and hasattr(torch, "_grouped_mm") else "padded_bmm"
+    if not hasattr(torch, "_grouped_mm") or not rows_aligned(d_model, hidden, dtype):
+        return "padded_bmm"
+    if device_type == "cpu":
+        return "grouped_mm"
+    if device_type == "cuda":
+        if capability is None:
+            capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else (0, 0)
+        if tuple(capability) >= GROUPED_MM_MIN_CAPABILITY and dtype == "bf16":
+            return "grouped_mm"
+    return "padded_bmm"
 
 
 class GroupedExperts(nn.Module):
@@ -84,7 +109,10 @@ class GroupedExperts(nn.Module):
         nn.init.normal_(self.w2, 0.0, out_std)
 
     def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        return self.run(x, counts, local_tensor(self.w1), local_tensor(self.w3), local_tensor(self.w2))
+        # In the input's dtype: the data-parallel wrapper casts the weights it manages to bf16 already (a
+        # no-op here), but not those a layout hands to one data-parallel rank (alltoall), which it ignores.
+        w1, w3, w2 = (local_tensor(w).to(x.dtype) for w in (self.w1, self.w3, self.w2))
+        return self.run(x, counts, w1, w3, w2)
 
 
 def default_init_std(d_model: int) -> float:

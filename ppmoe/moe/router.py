@@ -84,7 +84,10 @@ class TopKRouter(nn.Module):
             self.jitter_calls += 1
             noise = torch.empty(x.shape, dtype=torch.float32).uniform_(1 - self.jitter, 1 + self.jitter, generator=g)
             x = x * noise.to(x.device, x.dtype)
-        logits = self.gate(x).float()  # [T, E]; fp32 routing decisions under bf16 autocast
+        # [T, E] in fp32 (Megatron's moe_router_dtype=fp32): under bf16 compute the gate's inputs arrive in
+        # bf16, but the products are summed in fp32 and never rounded to bf16, so near-tied experts are told
+        # apart as in fp32; softmax, top-k and the aux losses follow in fp32. A no-op under fp32.
+        logits = F.linear(x.float(), self.gate.weight.float())
         probs = logits.softmax(dim=-1)
         weights, expert_ids = probs.topk(self.top_k, dim=-1)
         if self.normalize_topk and self.top_k > 1:

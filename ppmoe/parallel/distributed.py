@@ -24,13 +24,44 @@ class Runtime:
         return self.rank == 0
 
 
+# The CUDA caching allocator's settings variable (PYTORCH_ALLOC_CONF is torch's newer, device-neutral name).
+ALLOC_CONF_VARIABLES = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+EXPANDABLE_SEGMENTS = "expandable_segments:True"
+
+
+def allocator_settings(environ: dict[str, str]) -> str | None:
+    """The CUDA allocator settings ppmoe applies: expandable segments, unless the user set either variable
+    (their choice wins, whatever it says). Expandable segments grow one virtual mapping instead of caching
+    many fixed-size blocks, so the varying sizes of a training step (MoE token counts, the last
+    micro-batch, pipeline buffers) do not fragment memory into blocks no request fits: fewer
+    out-of-memory errors with free memory left, and fewer cudaMalloc/cudaFree calls."""
+    if any(name in environ for name in ALLOC_CONF_VARIABLES):
+        return None
+    return EXPANDABLE_SEGMENTS
+
+
+def configure_cuda_allocator() -> None:
+    """Apply allocator_settings at process start, before this process allocates on the GPU: through the
+    environment (read when the allocator starts, and inherited by child processes such as the compiler's
+    workers) and, for an allocator something already started, through torch's runtime setter."""
+    settings = allocator_settings(os.environ)
+    if settings is None:
+        return
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = settings
+    set_settings = getattr(torch.cuda.memory, "_set_allocator_settings", None)
+    if set_settings is not None:
+        set_settings(settings)
+
+
 def init_distributed() -> Runtime:
     """Join (or create) the default process group. NCCL on GPU, gloo on CPU, chosen automatically.
-    Run without a launcher, this is a world of one process backed by an in-memory store."""
+    Run without a launcher, this is a world of one process backed by an in-memory store. On GPU the
+    caching allocator uses expandable segments unless PYTORCH_CUDA_ALLOC_CONF says otherwise."""
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
+        configure_cuda_allocator()
         device, backend = torch.device("cuda", local_rank), "nccl"
         torch.cuda.set_device(device)
     else:

@@ -3,8 +3,6 @@ parallel, in that order (torchtitan's order), and the runner that drives it."""
 
 from __future__ import annotations
 
-from typing import Callable, ContextManager
-
 import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -16,18 +14,20 @@ from ..parallel import apply_data_parallel, apply_expert_layout, apply_tensor_pa
 from ..parallel.activation_checkpointing import apply_activation_checkpointing
 from ..parallel.compile_blocks import apply_compile
 from ..parallel.expert_parallel import prepare_expert_gradients
+from ..parallel.mixed_precision import Precision
 from ..parallel.pipeline import StageUnion, build_schedule, split_for_pipeline
 from ..model.loss import LossFunction
 from .runner import PipelineRunner, SingleStageRunner
 
 
 def parallelize(model: GPT, par: ParallelConfig, dims: ParallelDims, batch: BatchLayout, mesh: DeviceMesh,
-                device: torch.device, loss_fn: LossFunction, autocast: Callable[[], ContextManager], seed: int,
+                device: torch.device, loss_fn: LossFunction, precision: Precision, seed: int,
                 train: TrainConfig = TrainConfig()):
     """`model` on the meta device -> (view, runner): `view` holds this rank's parameters under the whole
     model's names (for the optimizer and checkpoints), materialised on `device` and initialised from
     `seed` (the same values as a one-process model); `runner` runs a batch's forward and backward.
-    `train`: activation checkpointing and torch.compile of the blocks."""
+    `precision`: the casts the data-parallel wrapper applies (ppmoe.parallel.mixed_precision; no autocast
+    anywhere). `train`: activation checkpointing and torch.compile of the blocks."""
     if dims.pp == 1:
         parts, ids = [model], [0]
     else:
@@ -37,16 +37,16 @@ def parallelize(model: GPT, par: ParallelConfig, dims: ParallelDims, batch: Batc
         owned = apply_expert_layout(part)
         apply_activation_checkpointing(part, train.activation_checkpointing, train.ac_every)
         apply_compile(part, train.compile)
-        apply_data_parallel(part, mesh["dp"], par.dp_type, owned)
+        apply_data_parallel(part, mesh["dp"], par.dp_type, owned, precision)
         materialize(part, seed, device)  # this rank's shards only, now that every placement is known
         prepare_expert_gradients(part)
     view: nn.Module = parts[0] if len(parts) == 1 else StageUnion(parts)
     if dims.pp == 1:
-        return view, SingleStageRunner(model, batch, loss_fn, autocast)
+        return view, SingleStageRunner(model, batch, loss_fn)
     num_stages = dims.pp * par.pp_virtual_stages
 
     def make_schedule(microbatch_loss):
         return build_schedule(par.pp_schedule, parts, ids, num_stages, mesh["pp"], device, batch.micro_batches,
                               microbatch_loss)
 
-    return view, PipelineRunner(parts, num_stages - 1 in ids, batch, loss_fn, autocast, make_schedule)
+    return view, PipelineRunner(parts, num_stages - 1 in ids, batch, loss_fn, make_schedule)

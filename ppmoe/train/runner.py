@@ -8,7 +8,7 @@ without pipelining, the last stage with it) and 0 elsewhere (`holds_loss` says w
 
 from __future__ import annotations
 
-from typing import Callable, ContextManager
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -24,16 +24,15 @@ class SingleStageRunner:
 
     holds_loss = True
 
-    def __init__(self, model: nn.Module, batch: BatchLayout, loss_fn: LossFunction,
-                 autocast: Callable[[], ContextManager]):
+    def __init__(self, model: nn.Module, batch: BatchLayout, loss_fn: LossFunction):
         self.model, self.parts = model, [model]
-        self.batch, self.loss_fn, self.autocast = batch, loss_fn, autocast
+        self.batch, self.loss_fn = batch, loss_fn
 
     def set_loss(self, loss_fn: LossFunction) -> None:
         self.loss_fn = loss_fn
 
     def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        loss = forward_backward(self.model, inputs, targets, self.batch, self.loss_fn, self.autocast)
+        loss = forward_backward(self.model, inputs, targets, self.batch, self.loss_fn)
         commit_moe_stats(self.parts)
         return loss
 
@@ -41,7 +40,7 @@ class SingleStageRunner:
     def eval_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         total = torch.zeros((), device=inputs.device)
         for x, y in zip(inputs.split(self.batch.micro_batch), targets.split(self.batch.micro_batch)):
-            with self.loss_fn.context(), self.autocast():
+            with self.loss_fn.context():
                 total += scalar_value(self.loss_fn.compute(self.model(x), y))
         return total / self.batch.micro_batches
 
@@ -51,9 +50,9 @@ class PipelineRunner:
     of gradient accumulation are the pipeline's micro-batches."""
 
     def __init__(self, parts: list[nn.Module], is_last: bool, batch: BatchLayout, loss_fn: LossFunction,
-                 autocast: Callable[[], ContextManager], make_schedule: Callable[[Callable], object]):
+                 make_schedule: Callable[[Callable], object]):
         self.parts, self.holds_loss = parts, is_last
-        self.batch, self.loss_fn, self.autocast = batch, loss_fn, autocast
+        self.batch, self.loss_fn = batch, loss_fn
         self.make_schedule = make_schedule
         self.schedule = make_schedule(self.microbatch_loss)
 
@@ -71,7 +70,7 @@ class PipelineRunner:
         # The schedule reports the loss of each micro-batch it ran (it may call loss_fn more often, e.g.
         # when it sets itself up, so counting our own calls would be wrong).
         losses: list[torch.Tensor] = []
-        with self.loss_fn.context(), self.autocast():
+        with self.loss_fn.context():
             step(inputs, target=targets, losses=losses)
         if not losses:
             return torch.zeros((), device=inputs.device)

@@ -24,11 +24,11 @@ from ..model.build import meta_model
 from ..model.loss import build_loss
 from ..moe import build_expert_layout
 from ..parallel import Runtime, build_mesh
+from ..parallel.mixed_precision import resolve_precision
 from .moe_metrics import MoEMonitor
 from .optim import build_optimizer
 from .parallelize import parallelize
 from .plan import Stage, StagePlan
-from .step import autocast_factory
 
 
 class MeshCache:
@@ -100,13 +100,13 @@ def build_stage_runtime(plan: StagePlan, stage: Stage, rt: Runtime, meshes: Mesh
     cfg, t = stage.cfg, stage.cfg.train
     dims, batch = resolve_layout(cfg, rt.world_size)
     mesh = meshes.get(dims)
-    autocast = autocast_factory(rt.device, t.dtype)
+    precision = resolve_precision(t.dtype, t.reduce_dtype, rt.device.type)
     shape = stage.shape
     experts = build_expert_layout(cfg.moe.dispatcher, mesh, shape.moe.num_experts if shape.moe else 0)
     # Built on the meta device: parallelize splits and shards it, then materialises this rank's shards only.
     structure = meta_model(shape, experts, batch.loss_scale)
-    model, runner = parallelize(structure, cfg.parallel, dims, batch, mesh, rt.device, build_loss(dims.tp), autocast,
-                                t.seed, t)
+    model, runner = parallelize(structure, cfg.parallel, dims, batch, mesh, rt.device, build_loss(dims.tp),
+                                precision, t.seed, t)
     optimizer = build_optimizer(model, t, rt.device)
     io = stage_io(stage.patch_size, runner.parts, dims.tp, rt.device, t.seq_len)
     runner.set_loss(io.loss_fn)

@@ -1,9 +1,7 @@
-"""One optimizer step's forward/backward over micro-batches (without pipelining), and the autocast choice."""
+"""One optimizer step's forward/backward over micro-batches (without pipelining). Precision is not chosen
+here: the data-parallel wrapper casts the parameters (ppmoe.parallel.mixed_precision)."""
 
 from __future__ import annotations
-
-import contextlib
-from typing import Callable, ContextManager
 
 import torch
 import torch.nn as nn
@@ -13,16 +11,8 @@ from ..parallel import set_gradient_sync
 from ..model.loss import LossFunction, scalar_value
 
 
-def autocast_factory(device: torch.device, dtype: str) -> Callable[[], ContextManager]:
-    """bf16 autocast on GPU ('auto' or 'bf16'); fp32 elsewhere. Parameters stay fp32 either way."""
-    use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
-    if not use_bf16:
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-
-
 def forward_backward(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch: BatchLayout,
-                     loss_fn: LossFunction, autocast: Callable[[], ContextManager]) -> torch.Tensor:
+                     loss_fn: LossFunction) -> torch.Tensor:
     """Accumulate gradients of the mean loss over this rank's batch.
 
     inputs/targets: [batch.local_batch, seq], run as batch.micro_batches micro-batches. Each micro-batch's
@@ -34,9 +24,9 @@ def forward_backward(model: nn.Module, inputs: torch.Tensor, targets: torch.Tens
     for i, (x, y) in enumerate(chunks):
         set_gradient_sync(model, i == len(chunks) - 1)
         with loss_fn.context():
-            with autocast():
-                logits = model(x)
-            loss = loss_fn.compute(logits, y)
+            # No name holds the logits: the loss keeps what its backward needs (the fp32 log-softmax), and
+            # the [micro_batch, seq, vocab] logits are freed before the backward starts.
+            loss = loss_fn.compute(model(x), y)
             (loss / batch.micro_batches).backward()
         total += scalar_value(loss)
     return total / batch.micro_batches

@@ -24,6 +24,7 @@ from ..parallel import clip_grad_norm, init_distributed
 from ..parallel.distributed import Runtime
 from .checkpoint import CheckpointManager
 from .health import LossSpikeMonitor, NonFiniteGuard, state_is_finite
+from .memory_estimate import device_memory, memory_report
 from .metrics import MetricsLogger, peak_memory_gib
 from .optim import set_lr
 from .plan import Stage, StagePlan, build_stage_plan, describe, stage_windows
@@ -335,6 +336,8 @@ class Trainer:
             f"{count_parameters(stage.shape):,} params | world {self.rt.world_size} = tp {rt.dims.tp} x "
             f"pp {rt.dims.pp} x dp {rt.dims.dp} ({stage.cfg.parallel.dp_type}) | {stage.tokens_per_step:,} "
             f"tokens/step | device {self.rt.device}")
+        for line in memory_report(self.plan, self.rt.world_size, self.rt.device.type, device_memory(self.rt.device)):
+            self.metrics.info(line)
         if len(self.plan.stages) > 1:
             self.metrics.info(f"plan: {self.plan.total_steps} steps in {len(self.plan.stages)} stages\n"
                               + describe(self.plan))
