@@ -79,12 +79,10 @@ class MoEFeedForward(nn.Module):
         self.stats = MoEStats(shape.num_experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        routing = self.router(flat)
-        y = self.layout(flat, routing, self.experts)
-        if self.shared_expert is not None:
-            y = y + self.shared_expert(flat)
+        """x: [batch, seq, d_model] -> [batch, seq, d_model] (under sequence parallelism, this rank's
+        slice of the sequence in and out: its layout gathers and scatters)."""
+        y, routing = self.layout.layer_forward(x, self.router, self.experts, self.shared_expert)
         self.stats.record(routing, routing.aux_loss.detach(), routing.z_loss.detach())
         if self.training:
             y = attach_loss(y, (routing.aux_loss + routing.z_loss) * self.aux_loss_scale)
-        return y.view(x.shape)
+        return y
