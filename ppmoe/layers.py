@@ -53,8 +53,14 @@ class Attention(nn.Module):
         self.wo = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x: [batch, seq, d_model] -> [batch, seq, d_model]."""
+        """x: [batch, seq, d_model] -> [batch, seq, d_model]. cos, sin: [max_seq_len, head_dim // 2], the
+        model's whole rotary tables; attention takes the rows of its own positions. Its own: under sequence
+        parallelism the block holds a slice of the sequence and attention the gathered whole, so only
+        here is `seq` the number of positions."""
         b, s, _ = x.shape
+        if s > cos.shape[0]:
+            raise ValueError(f"sequence of {s} positions is longer than the model's max_seq_len {cos.shape[0]}")
+        cos, sin = cos[:s], sin[:s]
         # -1: the local number of heads, which tensor parallelism makes n_heads / tp.
         q = self.wq(x).view(b, s, -1, self.head_dim)
         k = self.wk(x).view(b, s, -1, self.head_dim)

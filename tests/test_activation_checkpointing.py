@@ -125,6 +125,9 @@ MOE_JITTER = [*MOE, "moe.jitter=0.1"]
 # (world, reference overrides, overrides of the checkpointed run)
 PARALLEL_RUNS = {
     "tp2_per_op": (2, MOE_JITTER, [*MOE_JITTER, "parallel.tp=2", "train.activation_checkpointing=selective"]),
+    # sequence parallel: the recompute re-runs the layer's gather / reduce-scatter (ppmoe.moe.comm)
+    "tp2_sp_full": (2, MOE_JITTER, [*MOE_JITTER, "parallel.tp=2", "parallel.sequence_parallel=true",
+                                    "train.activation_checkpointing=full"]),
     # Without jitter: a pipeline run already draws other noise than one process does, checkpointing or not
     # (the schedule runs forwards of its own, which advance the jitter counter).
     "tp2_pp2_every_2": (4, [*MOE, "model.n_layers=4"],

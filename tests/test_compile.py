@@ -7,6 +7,7 @@ per-op activation checkpointing. Then gloo runs against the one-process eager ru
 (experts_in_tp, DTensor TP) and per-op checkpointing, and two ranks of FSDP2 with the MoE layer.
 """
 
+import pytest
 import torch
 
 from multiproc import run_ranks
@@ -59,11 +60,14 @@ def test_dp2_fsdp_moe_compiled_matches_one_process_eager(tiny_dataset, tmp_path)
     torch.testing.assert_close(torch.tensor(got["grad_norms"]), torch.tensor(ref["grad_norms"]), rtol=1e-4, atol=0)
 
 
-def test_tp2_moe_compiled_matches_one_process_eager(tiny_dataset, tmp_path):
-    """DTensor TP blocks and the experts_in_tp layout, compiled, with per-op checkpointing inside."""
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2_sp"])
+def test_tp2_moe_compiled_matches_one_process_eager(tiny_dataset, tmp_path, sequence_parallel):
+    """DTensor TP blocks and the experts_in_tp layout (its sequence-parallel form too), compiled, with
+    per-op checkpointing inside."""
     ref = run_ranks(train_and_report, 1, tiny_dataset, str(tmp_path / "ref"), MOE)[0]
     got = run_ranks(train_and_report, 2, tiny_dataset, str(tmp_path / "tp2"),
-                    [*MOE, "parallel.tp=2", "train.compile=true", "train.activation_checkpointing=selective"])[0]
+                    [*MOE, "parallel.tp=2", "train.compile=true", "train.activation_checkpointing=selective",
+                     f"parallel.sequence_parallel={str(sequence_parallel).lower()}"])[0]
     assert ref["losses"][-1] < ref["losses"][0]
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=1e-4, atol=0)
     torch.testing.assert_close(torch.tensor(got["grad_norms"]), torch.tensor(ref["grad_norms"]), rtol=1e-4, atol=0)

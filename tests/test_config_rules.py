@@ -116,6 +116,11 @@ RULES = [
     ([*ALLTOALL, "moe.ep=4"], 2, "moe.ep=4 must equal the data-parallel size 2 (or be null)"),
     (ALLTOALL, 8, "moe.num_experts=4 is not divisible by the expert-parallel size (= data-parallel size) 8; use a "
                   "multiple of it"),
+    (["parallel.sequence_parallel=true", "parallel.tp=4", "train.seq_len=18"], 4,
+     "train.seq_len=18 is not divisible by parallel.tp=4: parallel.sequence_parallel splits every sequence over "
+     "the TP ranks"),
+    (["parallel.sequence_parallel=true", "parallel.tp=2", "moe.num_experts=2", "moe.dispatcher=local"], 2,
+     "moe.dispatcher=local has no sequence-parallel form"),
     (["train.warmup_steps=500"], 1, "train.warmup_steps=500 is larger than train.steps=100; lower train.warmup_steps"),
     ([*THREE_STAGES, "growth.stages.0.train={micro_batch_size: 3}"], 1,
      "growth stage 0 ('small'; the top-level config with growth.stages.0 overrides): "

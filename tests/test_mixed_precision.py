@@ -194,6 +194,8 @@ def test_bf16_moe_alltoall_experts_run_in_bf16(tiny_dataset, tmp_path):
     # row-parallel partial sums are rounded to bf16 before their all-reduce (one process rounds the full
     # sum once): bf16-close
     ("tp2", ["parallel.tp=2"], 4 * BF16_EPS),
+    # sequence parallel: the same bf16 rounding, at reduce-scatter instead of all-reduce
+    ("tp2_sp", ["parallel.tp=2", "parallel.sequence_parallel=true"], 4 * BF16_EPS),
 ])
 def test_bf16_tensor_and_pipeline_parallel(layout, overrides, rtol, tiny_dataset, tmp_path):
     """Every part of a TP or PP run is wrapped over its 1-rank dp mesh and computes in bf16 like one process."""

@@ -263,7 +263,8 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Under tensor parallelism, shard the norms and residual stream over the sequence (all-gather into
     attention and the FFN, reduce-scatter out; Pipeline-MoE's dispatcher likewise): the same bytes as the
-    all-reduce, 1/tp of the activation memory outside attention and the FFN. Off at tp 1."""
+    all-reduce, 1/tp of the activation memory outside attention and the FFN. Needs train.seq_len divisible
+    by tp and, with MoE layers, moe.dispatcher experts_in_tp. At tp 1 the key does nothing."""
     dp_type: Literal["fsdp", "ddp"] = "fsdp"
     """Data parallelism: 'fsdp' (FSDP2, parameters, gradients and optimizer state sharded over dp) or
     'ddp' (parameters replicated, gradients all-reduced)."""

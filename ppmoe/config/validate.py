@@ -98,6 +98,22 @@ def check_alltoall(cfg: ExperimentConfig, dp: int) -> None:
                           f"(= data-parallel size) {dp}; use a multiple of it, or run on another number of processes")
 
 
+def check_sequence_parallel(cfg: ExperimentConfig) -> None:
+    """Sequence parallelism gives each TP rank an equal slice of every sequence (of patches too: a slice of
+    seq_len / tp patches is K * seq_len / tp tokens), and MoE layers need a layout that takes slices."""
+    par, moe = cfg.parallel, cfg.moe
+    if not par.sequence_parallel or par.tp == 1:
+        return
+    if cfg.train.seq_len % par.tp:
+        raise ConfigError(f"train.seq_len={cfg.train.seq_len} is not divisible by parallel.tp={par.tp}: "
+                          f"parallel.sequence_parallel splits every sequence over the TP ranks; choose a "
+                          f"multiple of parallel.tp or set parallel.sequence_parallel: false")
+    if moe.num_experts and moe.dispatcher == "local":
+        raise ConfigError("moe.dispatcher=local has no sequence-parallel form (every TP rank would run every "
+                          "expert on the whole sequence); with parallel.sequence_parallel use "
+                          "moe.dispatcher=experts_in_tp")
+
+
 def check_warmup_fits_run(cfg: ExperimentConfig) -> None:
     """Not a TrainConfig rule: under growth each stage sets its own warmup_steps, while steps is the run's."""
     t = cfg.train
@@ -132,6 +148,7 @@ def validate_stage(cfg: ExperimentConfig, world_size: int) -> int:
     check_tp_split(cfg)
     check_moe_fits_model(cfg)
     check_alltoall(cfg, dims.dp)
+    check_sequence_parallel(cfg)
     batch_layout(cfg, dims)
     check_warmup_fits_run(cfg)
     return dims.dp

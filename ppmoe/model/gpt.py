@@ -88,11 +88,9 @@ class GPT(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        seq = h.shape[1]  # positions after the embedding: patches when patch input is on
-        if seq > self.shape.max_seq_len:
-            raise ValueError(f"sequence of {seq} positions is longer than the model's max_seq_len {self.shape.max_seq_len}")
-        cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+        # The whole rotary tables: attention slices its positions (h may hold a slice of the sequence
+        # under sequence parallelism, and patches rather than tokens when patch input is on).
         for layer in self.layers.values():
-            h = layer(h, cos, sin)
+            h = layer(h, self.rope_cos, self.rope_sin)
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h

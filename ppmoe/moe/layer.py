@@ -13,16 +13,6 @@ from .router import Routing, TopKRouter
 from .shape import MoEShape
 
 
-@torch.compiler.disable
-def dispatch_to_experts(layout: ExpertLayout, x: torch.Tensor, routing: Routing, experts: GroupedExperts
-                        ) -> torch.Tensor:
-    """`layout(x, routing, experts)`, run eagerly under torch.compile: from here on shapes depend on the
-    routing's data (nonzero, tokens per expert as Python ints, all-to-all split sizes), which would break
-    the graph and recompile for every new set of counts; fp32 torch._grouped_mm has no fake-tensor kernel
-    either. The block's other ops (attention, norms, router, shared expert) stay compiled."""
-    return layout(x, routing, experts)
-
-
 class MoEStats:
     """Detached per-layer statistics. Each forward appends a pending record; `commit` folds the records
     of real training micro-batches into the totals (a pipeline schedule also runs forwards of its own to
@@ -100,12 +90,10 @@ class MoEFeedForward(nn.Module):
         del self.stats.pending[state[1]:]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        routing = self.router(flat)
-        y = dispatch_to_experts(self.layout, flat, routing, self.experts)
-        if self.shared_expert is not None:
-            y = y + self.shared_expert(flat)
+        """x: [batch, seq, d_model] -> [batch, seq, d_model] (under sequence parallelism, this rank's
+        slice of the sequence in and out: its layout gathers and scatters)."""
+        y, routing = self.layout.layer_forward(x, self.router, self.experts, self.shared_expert)
         self.stats.record(routing, routing.aux_loss.detach(), routing.z_loss.detach())
         if self.training:
             y = attach_loss(y, (routing.aux_loss + routing.z_loss) * self.aux_loss_scale)
-        return y.view(x.shape)
+        return y

@@ -8,17 +8,19 @@ code. Compiling block by block keeps compile time that of one block (blocks of a
 
 The first block after the embedding gets a copy of its input (`on_a_copy`): under TP the embedding's output
 is a view made by DTensor's to_local, and the compiled backward otherwise fails (seen on torch 2.13); the
-copy is done whatever the layout, so the code does not depend on it. Tested: one process, tp2 with Pipeline-MoE (and per-op checkpointing), FSDP2 over two
-ranks, each with dense and MoE blocks.
+copy is done whatever the layout, so the code does not depend on it. Tested: one process, tp2 with Pipeline-MoE (and per-op checkpointing), tp2 with sequence
+parallelism, FSDP2 over two ranks, each with dense and MoE blocks.
 
 Where the graph breaks (dynamo ends the graph there, runs that piece eagerly and compiles what follows;
 no error), all in the MoE block, where shapes depend on the routing:
-- ppmoe.moe.layer.dispatch_to_experts is torch.compiler.disable'd, on purpose: from there on everything
+- ppmoe.moe.layout.base.dispatch_to_experts is torch.compiler.disable'd, on purpose: from there on everything
   is data-dependent: `nonzero()` and `bincount(...).tolist()` in ppmoe.moe.permute.sort_by_expert (tokens
   per expert as Python ints), the kernels' `x.split(counts)` / `torch.tensor(counts)` / `offs=` of
   ppmoe.moe.experts, the alltoall layout's `.tolist()` of the exchanged counts and its split sizes, and
   the dispatchers' collectives (ppmoe.moe.comm). Traced, each new set of counts would recompile; and fp32
-  torch._grouped_mm has no fake-tensor kernel (its meta function wants bf16).
+  torch._grouped_mm has no fake-tensor kernel (its meta function wants bf16). Under sequence
+  parallelism the Pipeline-MoE layer's whole token path (SequenceParallelExpertsInTP.layer_forward: the
+  gather, the router, the experts, the reduce-scatter) runs eagerly for the same reason.
 - the router's jitter (ppmoe.moe.router): `torch.Generator().manual_seed(...)` cannot be traced.
 - an activation-checkpointed MoE block: its checkpoint call runs eagerly (its replay contexts are Python
   side effects; ppmoe.parallel.activation_checkpointing.eager_checkpoint) and the forward inside compiles.

@@ -1,5 +1,6 @@
-"""Plain model -> this rank's parallel model: pipeline split, tensor parallel, expert layout, data
-parallel, in that order (torchtitan's order), and the runner that drives it."""
+"""Plain model (on the meta device) -> this rank's parallel model: pipeline split, tensor (and sequence)
+parallel, expert layout, activation checkpointing, compile, data parallel (with its mixed-precision casts),
+in that order (torchtitan's order), then this rank's shards materialised; and the runner that drives it."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ from torch.distributed.device_mesh import DeviceMesh
 from ..model.build import materialize
 from ..model.gpt import GPT
 from ..config import BatchLayout, ParallelConfig, ParallelDims, TrainConfig
-from ..parallel import apply_data_parallel, apply_expert_layout, apply_tensor_parallel
+from ..parallel import apply_data_parallel, apply_expert_layout
 from ..parallel.activation_checkpointing import apply_activation_checkpointing
 from ..parallel.compile_blocks import apply_compile
 from ..parallel.expert_parallel import prepare_expert_gradients
 from ..parallel.mixed_precision import Precision
+from ..parallel.sequence_parallel import sum_partial_gradients, tensor_parallel_step
 from ..parallel.pipeline import StageUnion, build_schedule, split_for_pipeline
 from ..model.loss import LossFunction
 from .runner import PipelineRunner, SingleStageRunner
@@ -33,13 +35,14 @@ def parallelize(model: GPT, par: ParallelConfig, dims: ParallelDims, batch: Batc
     else:
         ids, parts = split_for_pipeline(model, mesh["pp"], par.pp_virtual_stages, par.pp_layers)
     for part in parts:
-        apply_tensor_parallel(part, mesh["tp"])
+        tensor_parallel_step(par.sequence_parallel)(part, mesh["tp"])
         owned = apply_expert_layout(part)
         apply_activation_checkpointing(part, train.activation_checkpointing, train.ac_every)
         apply_compile(part, train.compile)
         apply_data_parallel(part, mesh["dp"], par.dp_type, owned, precision)
         materialize(part, seed, device)  # this rank's shards only, now that every placement is known
         prepare_expert_gradients(part)
+        sum_partial_gradients(part)  # sequence-parallel norms' weights (a no-op without SP)
     view: nn.Module = parts[0] if len(parts) == 1 else StageUnion(parts)
     if dims.pp == 1:
         return view, SingleStageRunner(model, batch, loss_fn)

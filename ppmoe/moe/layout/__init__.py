@@ -2,7 +2,9 @@
 
 local: every expert on every rank, no communication (the reference); experts_in_tp: Pipeline-MoE,
 experts split over the TP group, one all-reduce; alltoall: classic expert parallelism over the
-data-parallel ranks, two all-to-alls.
+data-parallel ranks, two all-to-alls. Under sequence parallelism experts_in_tp takes its
+sequence-parallel form (experts_in_tp_sp.py: all-gather in, reduce-scatter out), which the
+sequence-parallel plan (ppmoe.parallel.sequence_parallel) puts in its place.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from .alltoall import AllToAllExperts
 from .base import ExpertLayout, shard_experts
 from .experts_in_tp import ExpertsInTP
+from .experts_in_tp_sp import SequenceParallelExpertsInTP
 from .local import LOCAL_EXPERTS, LocalExperts
 
 # moe.dispatcher -> (the mesh dimension the experts are split over, the layout over a group of 2+ ranks).
@@ -35,4 +38,4 @@ def build_expert_layout(name: str, mesh: DeviceMesh | None, num_experts: int) ->
 
 
 __all__ = ["AllToAllExperts", "ExpertLayout", "ExpertsInTP", "LOCAL_EXPERTS", "LocalExperts",
-           "build_expert_layout", "shard_experts"]
+           "SequenceParallelExpertsInTP", "build_expert_layout", "shard_experts"]

@@ -7,7 +7,10 @@ between layouts:
   data parallelism, on the meta device: the weights get storage after every placement is known);
 - `prepare_gradients(experts)`: any gradient handling (hooks), once the weights have storage (hooks set
   on a meta Parameter would not survive its materialisation);
-- `__call__(x, routing, experts)`: dispatch, expert compute and combine for one layer's tokens.
+- `__call__(x, routing, experts)`: dispatch, expert compute and combine for one layer's tokens;
+- `layer_forward(x, router, experts, shared_expert)`: the MoE layer's whole token path (route, the
+  layout's call, the shared expert), which a layout may reshape around its communication (the
+  sequence-parallel Pipeline-MoE gathers the sequence before routing: experts_in_tp_sp.py).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 from ..experts import GroupedExperts
-from ..router import Routing
+from ..router import Routing, TopKRouter
 
 EXPERT_WEIGHTS = ("w1", "w3", "w2")
 
@@ -40,9 +43,30 @@ class ExpertLayout:
         """x: [T, d_model] this rank's tokens -> [T, d_model] = sum over kept choices of gate * expert(x)."""
         raise NotImplementedError
 
+    def layer_forward(self, x: torch.Tensor, router: TopKRouter, experts: GroupedExperts,
+                      shared_expert: nn.Module | None) -> tuple[torch.Tensor, Routing]:
+        """One MoE layer's tokens: x [batch, seq, d_model] -> (y [batch, seq, d_model], the routing of its
+        batch * seq tokens) = the routed experts' mix plus the shared expert's output (if any)."""
+        flat = x.reshape(-1, x.shape[-1])
+        routing = router(flat)
+        y = dispatch_to_experts(self, flat, routing, experts)
+        if shared_expert is not None:
+            y = y + shared_expert(flat)
+        return y.view(x.shape), routing
+
     def __deepcopy__(self, memo: dict) -> ExpertLayout:
         # Shared, and holds process groups: a pipeline stage's copy of the model keeps the same object.
         return self
+
+
+@torch.compiler.disable
+def dispatch_to_experts(layout: ExpertLayout, x: torch.Tensor, routing: Routing, experts: GroupedExperts
+                        ) -> torch.Tensor:
+    """`layout(x, routing, experts)`, run eagerly under torch.compile: from here on shapes depend on the
+    routing's data (nonzero, tokens per expert as Python ints, all-to-all split sizes), which would break
+    the graph and recompile for every new set of counts; fp32 torch._grouped_mm has no fake-tensor kernel
+    either. The block's other ops (attention, norms, router, shared expert) stay compiled."""
+    return layout(x, routing, experts)
 
 
 def shard_experts(experts: GroupedExperts, mesh: DeviceMesh) -> list[nn.Parameter]:

@@ -35,7 +35,7 @@ class ExpertsInTP(ExpertLayout):
     name = "experts_in_tp"
 
     def __init__(self, tp_mesh: DeviceMesh, num_experts: int):
-        self.mesh, self.group = tp_mesh, tp_mesh.get_group()
+        self.mesh, self.group, self.num_experts = tp_mesh, tp_mesh.get_group(), num_experts
         self.per_rank = num_experts // tp_mesh.size()
         self.first = tp_mesh.get_local_rank() * self.per_rank
 
@@ -47,8 +47,13 @@ class ExpertsInTP(ExpertLayout):
         """x: [T, d], replicated over the TP group -> [T, d], replicated."""
         # One backward all-reduce for both the input and the gate-weight gradients.
         x, weights = copy_many_to_group((x, routing.weights), self.group)
+        return reduce_from_group(self.own_experts(x, weights, routing, experts), self.group)
+
+    def own_experts(self, x: torch.Tensor, weights: torch.Tensor, routing: Routing, experts: GroupedExperts
+                    ) -> torch.Tensor:
+        """This rank's part of the mix: x [T, d] (all tokens), weights [T, k] (the gate weights) ->
+        [T, d], the gate-weighted outputs of its own experts (zero for tokens that chose none of them)."""
         token_index, slot, counts = sort_by_expert(routing.expert_ids, routing.keep, self.first,
                                                    self.first + self.per_rank)
         y = experts(x[token_index], counts)
-        partial = combine(y, token_index, weights.flatten()[slot], x.shape[0])
-        return reduce_from_group(partial, self.group)
+        return combine(y, token_index, weights.flatten()[slot], x.shape[0])
