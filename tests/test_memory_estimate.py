@@ -98,11 +98,11 @@ def test_recomputation_orders_the_activations():
 
 def test_sequence_parallel_divides_the_residual_stream_by_tp():
     cfg, shape = gpt_350m("parallel.sequence_parallel=true")
-    plain, _ = gpt_350m()
+    plain, _ = gpt_350m("parallel.sequence_parallel=false")  # the shipped config has it on
     # full recomputation keeps only each layer's input: the sequence-sharded residual stream
     assert layer_activations(shape, 0, cfg, 2, 2).full == layer_activations(shape, 0, plain, 1, 2).full / 2
     assert layer_activations(shape, 0, cfg, 2, 2).none < layer_activations(shape, 0, plain, 2, 2).none
-    assert activations(8, "parallel.sequence_parallel=true") < activations(8)
+    assert activations(8, "parallel.sequence_parallel=true") < activations(8, "parallel.sequence_parallel=false")
 
 
 def test_tensor_parallel_and_bf16_shrink_activations():
