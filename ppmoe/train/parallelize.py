@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Callable, ContextManager
 
 import torch
-import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from ..model.build import materialize
@@ -14,7 +13,8 @@ from ..model.gpt import GPT
 from ..config import BatchLayout, ParallelConfig, ParallelDims
 from ..parallel import apply_data_parallel, apply_expert_layout, apply_tensor_parallel
 from ..parallel.expert_parallel import prepare_expert_gradients
-from ..parallel.pipeline import StageUnion, build_schedule, split_for_pipeline
+from ..parallel.pipeline import build_schedule, split_for_pipeline, stage_view
+from ..parallel.tied_embeddings import tie_pipeline_ends
 from ..model.loss import LossFunction
 from .runner import PipelineRunner, SingleStageRunner
 
@@ -27,20 +27,20 @@ def parallelize(model: GPT, par: ParallelConfig, dims: ParallelDims, batch: Batc
     if dims.pp == 1:
         parts, ids = [model], [0]
     else:
-        ids, parts = split_for_pipeline(model, mesh["pp"], par.pp_virtual_stages, par.pp_layers)
+        ids, parts = split_for_pipeline(model, mesh["pp"], par)
     for part in parts:
         apply_tensor_parallel(part, mesh["tp"])
         owned = apply_expert_layout(part)
         apply_data_parallel(part, mesh["dp"], par.dp_type, owned)
         materialize(part, seed, device)  # this rank's shards only, now that every placement is known
         prepare_expert_gradients(part)
-    view: nn.Module = parts[0] if len(parts) == 1 else StageUnion(parts)
     if dims.pp == 1:
-        return view, SingleStageRunner(model, batch, loss_fn, autocast)
+        return model, SingleStageRunner(model, batch, loss_fn, autocast)
     num_stages = dims.pp * par.pp_virtual_stages
 
     def make_schedule(microbatch_loss):
         return build_schedule(par.pp_schedule, parts, ids, num_stages, mesh["pp"], device, batch.micro_batches,
                               microbatch_loss)
 
-    return view, PipelineRunner(parts, num_stages - 1 in ids, batch, loss_fn, autocast, make_schedule)
+    return stage_view(parts), PipelineRunner(parts, num_stages - 1 in ids, batch, loss_fn, autocast, make_schedule,
+                                             tie_pipeline_ends(parts, mesh, par))
