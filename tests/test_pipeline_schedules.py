@@ -3,9 +3,11 @@ single-process reference (tests/test_parallel_equivalence.py's tiny GPT, data an
 
 Zero bubble (interleaved_zb, zbv, dualpipev) splits each backward into input gradients (B) and weight
 gradients (W) run later; the sums are those of one process in another order, so losses and grad norms
-match to 1e-5 relative and every gradient element to GRAD_TOL times its tensor's largest entry (fp32).
-A tied embedding keeps one copy on the first stage and one on the last: same losses and gradients as the
-single-process tied model, and the two copies stay equal bit for bit.
+match to 1e-5 relative, every gradient element to GRAD_TOL times its tensor's largest entry and the final
+weights to WEIGHT_TOL (fp32).
+A tied embedding keeps one copy on the first stage and one on the last: same losses, gradients and weights
+as the single-process tied model; the two copies stay equal bit for bit, start bit for bit from the
+one-process weight, and checkpoints load between pp1 and pp2 bit for bit.
 """
 
 import pytest
@@ -18,6 +20,10 @@ from ppmoe.parallel.pipeline import SCHEDULES, stage_ids
 from test_parallel_equivalence import GRAD_TOL, MOE, STEPS, full_grads, tiny_config
 
 PP_BASE = ["model.n_layers=4"]
+# Final weights after STEPS AdamW steps (lr 1e-2, 5e-3, 3e-5): one step moves an element by up to lr, so a
+# wrong gradient shows ~100x above this; the gradients' fp32 rounding (another reduction order under TP)
+# moves a few elements whose gradient is near AdamW's eps by ~1.4e-5.
+WEIGHT_TOL = 5e-5
 ZB_LAYOUTS = {
     "interleaved_zb": (2, ["parallel.pp=2", "parallel.pp_schedule=interleaved_zb", "parallel.pp_virtual_stages=2"]),
     "zbv": (2, ["parallel.pp=2", "parallel.pp_schedule=zbv", "parallel.pp_virtual_stages=2"]),
@@ -102,6 +108,11 @@ def assert_matches(reports, ref, what):
                                    msg=lambda m: f"{what}: gradient of {name}: {m}")
     if ref["moe"][0] is not None:
         assert got["moe"] == pytest.approx(ref["moe"], rel=1e-5)
+    params = merged(reports, "params")  # after the last optimizer step
+    assert sorted(params) == sorted(ref["params"])
+    for name, w in ref["params"].items():
+        torch.testing.assert_close(params[name], w, rtol=0, atol=WEIGHT_TOL,
+                                   msg=lambda m: f"{what}: final {name}: {m}")
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +204,8 @@ COMPOSED = {
                                     "parallel.dp_type=ddp", "train.micro_batch_size=1"]),
     "tied_1f1b_dp2_fsdp": ("tied", ["parallel.pp=2"]),
     "tied_1f1b_tp2": ("tied", ["parallel.pp=2", "parallel.tp=2"]),
+    # both ends on rank 0, FSDP-sharded alike: the head's shard copies the embedding's
+    "tied_zbv_dp2_fsdp": ("tied", ["parallel.pp=2", "parallel.pp_schedule=zbv", "parallel.pp_virtual_stages=2"]),
     "tied_zbv_tp2": ("tied", ["parallel.pp=2", "parallel.tp=2", "parallel.pp_schedule=zbv",
                               "parallel.pp_virtual_stages=2"]),
 }
