@@ -58,6 +58,8 @@ RULES = [
      "parallel.pp_schedule=interleaved_1f1b needs parallel.pp_virtual_stages >= 2"),
     ([*PIPELINE, "parallel.pp=2", "parallel.pp_virtual_stages=2"], 2,
      "parallel.pp_schedule=1f1b runs one stage per rank: set parallel.pp_virtual_stages: 1 or use interleaved_1f1b"),
+    ([*PIPELINE, "parallel.pp=2", "parallel.pp_schedule=zbv"], 2,
+     "parallel.pp_schedule=zbv runs exactly two stages per rank (in a V): set parallel.pp_virtual_stages: 2"),
     ([*PIPELINE, "parallel.pp=2", "parallel.pp_layers=[4, 0]"], 2,
      "parallel.pp_layers=[4, 0] must have 2 entries (pp * pp_virtual_stages), each >= 1"),
     # ---- schema.py: TrainConfig.check
@@ -99,8 +101,13 @@ RULES = [
      "model.n_layers=4 is fewer than the 8 pipeline stages; raise model.n_layers or lower parallel.pp"),
     ([*PIPELINE, "parallel.pp=2", "parallel.pp_layers=[3, 2]"], 2,
      "parallel.pp_layers=[3, 2] sums to 5; its entries must sum to model.n_layers=4"),
-    ([*PIPELINE, "parallel.pp=2", "model.tie_embeddings=true"], 2,
-     "model.tie_embeddings is not supported with parallel.pp > 1"),
+    ([*PIPELINE, "parallel.pp=2", "parallel.pp_schedule=zbv", "parallel.pp_virtual_stages=2", "train.compile=true"], 2,
+     "parallel.pp_schedule=zbv splits each backward into input and weight gradients, which is not supported "
+     "through compiled blocks: set train.compile: false"),
+    ([*PIPELINE, "parallel.pp=2", "parallel.pp_schedule=zbv", "parallel.pp_virtual_stages=2",
+      "train.activation_checkpointing=full"], 2,
+     "parallel.pp_schedule=zbv splits each backward in two, and train.activation_checkpointing=full would "
+     "recompute each block twice: set train.activation_checkpointing: none"),
     (["moe.num_experts=2", "moe.every=3"], 1, "moe.every=3 must be between 1 and model.n_layers=2"),
     (["moe.num_experts=3", "parallel.tp=2"], 2, "moe.num_experts=3 is not divisible by parallel.tp=2: Pipeline-MoE "
                                                 "gives each TP rank whole experts"),
@@ -138,6 +145,9 @@ RULES = [
      "parallel.pp=4: lower train.micro_batch_size or raise train.global_batch_size"),
     ([*PIPELINE, "train.global_batch_size=6", "parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b",
       "parallel.pp_virtual_stages=2"], 2, "it needs at least parallel.pp=2 and a multiple of it for interleaved_1f1b"),
+    ([*PIPELINE, "model.n_layers=8", "parallel.pp=4", "parallel.pp_schedule=dualpipev", "parallel.pp_virtual_stages=2"],
+     4, "the pipeline gets 4 micro-batches per step (global_batch_size / (micro_batch_size * dp)); dualpipev needs "
+        "at least one per stage, 2 * parallel.pp = 8: lower train.micro_batch_size"),
     # ---- a growth stage's own section: the key carries the stage's prefix
     ([*THREE_STAGES, "growth.stages.1.model.n_heads=3"], 1,
      "growth.stages.1.model.n_heads=3 must divide growth.stages.1.model.d_model=64"),

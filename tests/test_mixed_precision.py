@@ -191,6 +191,9 @@ def test_bf16_moe_alltoall_experts_run_in_bf16(tiny_dataset, tmp_path):
 @pytest.mark.parametrize("layout, overrides, rtol", [
     # the same ops on the same micro-batches, split over two processes: bit for bit (measured)
     ("pp2", ["parallel.pp=2", "model.tie_embeddings=false"], 0.0),
+    # tied embedding over two stages: one process sums the head's and the embedding's gradient in one
+    # bf16 weight's backward, two stages each reduce theirs to fp32 and all-reduce: bf16-close
+    ("pp2_tied", ["parallel.pp=2", "model.tie_embeddings=true"], 4 * BF16_EPS),
     # row-parallel partial sums are rounded to bf16 before their all-reduce (one process rounds the full
     # sum once): bf16-close
     ("tp2", ["parallel.tp=2"], 4 * BF16_EPS),
@@ -199,7 +202,7 @@ def test_bf16_moe_alltoall_experts_run_in_bf16(tiny_dataset, tmp_path):
 ])
 def test_bf16_tensor_and_pipeline_parallel(layout, overrides, rtol, tiny_dataset, tmp_path):
     """Every part of a TP or PP run is wrapped over its 1-rank dp mesh and computes in bf16 like one process."""
-    ref_overrides = ["model.tie_embeddings=false"] if layout == "pp2" else []
+    ref_overrides = ["model.tie_embeddings=false"] if layout == "pp2" else ["model.tie_embeddings=true"] if layout == "pp2_tied" else []
     ref = run(1, tiny_dataset, tmp_path, "ref", ["train.dtype=bf16", *ref_overrides])
     got = run(2, tiny_dataset, tmp_path, layout, ["train.dtype=bf16", *overrides])
     assert got["wrapped"]

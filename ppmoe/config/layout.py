@@ -36,17 +36,24 @@ class ParallelDims:
             )
 
 
+# Micro-batch counts pipeline schedules need beyond `pp` (torch.distributed.pipelining refuses others):
+# the interleaved schedules run rounds of pp micro-batches, DualPipeV at least one per stage (2 pp).
+MULTIPLE_OF_PP_SCHEDULES = ("interleaved_1f1b", "interleaved_zb")
+TWICE_PP_SCHEDULES = ("dualpipev",)
+
+
 @dataclass(frozen=True)
 class BatchLayout:
     """One optimizer step's batch: `global_batch` sequences over `dp` data-parallel ranks, each rank's
     share run as `micro_batches` micro-batches of `micro_batch` sequences (accumulated; under pipeline
-    parallelism these are the pipeline's micro-batches, so a pipeline needs at least `pp` of them)."""
+    parallelism these are the pipeline's micro-batches, so a pipeline needs at least `pp` of them, and
+    `pp_schedule` may ask for more)."""
 
     global_batch: int
     micro_batch: int
     dp: int
     pp: int = 1
-    interleaved: bool = False  # an interleaved pipeline schedule needs a multiple of pp micro-batches
+    pp_schedule: str = "1f1b"
 
     def __post_init__(self) -> None:
         if self.global_batch % (self.micro_batch * self.dp):
@@ -54,12 +61,20 @@ class BatchLayout:
                 f"train.global_batch_size={self.global_batch} must be divisible by train.micro_batch_size * dp "
                 f"= {self.micro_batch} * {self.dp}; change one of them"
             )
-        if self.pp > 1 and (self.micro_batches < self.pp or (self.interleaved and self.micro_batches % self.pp)):
-            raise ConfigError(
-                f"the pipeline gets {self.micro_batches} micro-batches per step (global_batch_size / "
-                f"(micro_batch_size * dp)); it needs at least parallel.pp={self.pp}"
-                + (" and a multiple of it for interleaved_1f1b" if self.interleaved else "")
-                + ": lower train.micro_batch_size or raise train.global_batch_size")
+        if self.pp > 1:
+            self.check_pipeline_microbatches()
+
+    def check_pipeline_microbatches(self) -> None:
+        got = (f"the pipeline gets {self.micro_batches} micro-batches per step (global_batch_size / "
+               f"(micro_batch_size * dp))")
+        fix = "lower train.micro_batch_size or raise train.global_batch_size"
+        multiple = self.pp_schedule in MULTIPLE_OF_PP_SCHEDULES
+        if self.micro_batches < self.pp or (multiple and self.micro_batches % self.pp):
+            raise ConfigError(f"{got}; it needs at least parallel.pp={self.pp}"
+                              + (f" and a multiple of it for {self.pp_schedule}" if multiple else "") + f": {fix}")
+        if self.pp_schedule in TWICE_PP_SCHEDULES and self.micro_batches < 2 * self.pp:
+            raise ConfigError(f"{got}; {self.pp_schedule} needs at least one per stage, 2 * parallel.pp = "
+                              f"{2 * self.pp}: {fix}")
 
     @property
     def local_batch(self) -> int:
@@ -102,7 +117,7 @@ def batch_layout(cfg: ExperimentConfig, dims: ParallelDims) -> BatchLayout:
     """The stage config `cfg`'s batch split over `dims`."""
     t = cfg.train
     return BatchLayout(global_batch=t.global_batch_size, micro_batch=t.micro_batch_size, dp=dims.dp, pp=dims.pp,
-                       interleaved=cfg.parallel.pp_schedule == "interleaved_1f1b")
+                       pp_schedule=cfg.parallel.pp_schedule)
 
 
 def resolve_layout(cfg: ExperimentConfig, world_size: int) -> tuple[ParallelDims, BatchLayout]:

@@ -241,6 +241,14 @@ class GrowthConfig:
     """Re-warmup steps after a growth with a fresh optimizer (global schedule); null means train.warmup_steps."""
 
 
+# Pipeline schedules by how many stages they run per rank (ppmoe.parallel.pipeline places them).
+ONE_STAGE_SCHEDULES = ("1f1b", "gpipe")
+INTERLEAVED_SCHEDULES = ("interleaved_1f1b", "interleaved_zb")
+V_SCHEDULES = ("zbv", "dualpipev")
+# Schedules that split each backward into input and weight gradients (B and W).
+ZERO_BUBBLE_SCHEDULES = ("interleaved_zb", "zbv", "dualpipev")
+
+
 @dataclass
 class ParallelConfig:
     """How the world is split: world_size = tp * pp * dp."""
@@ -250,11 +258,18 @@ class ParallelConfig:
     pp: int = 1
     """Pipeline-parallel size (ranks in one pipeline)."""
     pp_schedule: Literal["1f1b", "gpipe", "interleaved_1f1b", "interleaved_zb", "zbv", "dualpipev"] = "1f1b"
-    """Pipeline schedule (torch.distributed.pipelining). 'interleaved_1f1b' and 'interleaved_zb'
-    (interleaved zero bubble) need pp_virtual_stages >= 2; 'zbv' (zero-bubble V) and 'dualpipev' run two
-    stages per rank in a V (pp_virtual_stages: 2)."""
+    """Pipeline schedule (torch.distributed.pipelining). One stage per rank: '1f1b' (bubble (pp-1)/(m+pp-1)
+    of a step of m micro-batches, activations of at most pp micro-batches held) or 'gpipe' (all forwards,
+    then all backwards: activations of all m held). Several stages per rank, placed looped (rank r runs
+    stages r, r+pp, ...): 'interleaved_1f1b' and 'interleaved_zb' (pp_virtual_stages >= 2, m a multiple of
+    pp; the bubble shrinks by the stages per rank, for more sends; zb also splits each backward into input
+    and weight gradients and runs the weight gradients in the bubble: ZB1P). Two stages per rank placed in
+    a V (rank r runs stages r and 2pp-1-r, pp_virtual_stages: 2): 'zbv' (zero-bubble V) and 'dualpipev'
+    (DeepSeek's DualPipeV: one micro-batch's forward next to another's backward; m >= 2 pp). The
+    zero-bubble schedules (interleaved_zb, zbv, dualpipev) cannot run with train.compile."""
     pp_virtual_stages: int = 1
-    """Stages per pipeline rank (interleaved schedules): the model is cut into pp * pp_virtual_stages stages."""
+    """Stages per pipeline rank (interleaved and V schedules): the model is cut into pp * pp_virtual_stages
+    stages."""
     pp_layers: Optional[list[int]] = None
     """Layers of each stage, in order (pp * pp_virtual_stages entries summing to model.n_layers); null
     balances layer counts."""
@@ -279,12 +294,16 @@ class ParallelConfig:
                 raise ConfigError(f"{prefix}pp_virtual_stages / pp_layers only apply with {prefix}pp > 1; set "
                                   f"{prefix}pp_virtual_stages: 1 and {prefix}pp_layers: null, or raise {prefix}pp")
             return
-        interleaved = self.pp_schedule == "interleaved_1f1b"
-        if interleaved and self.pp_virtual_stages < 2:
-            raise ConfigError(f"{prefix}pp_schedule=interleaved_1f1b needs {prefix}pp_virtual_stages >= 2")
-        if not interleaved and self.pp_virtual_stages != 1:
-            raise ConfigError(f"{prefix}pp_schedule={self.pp_schedule} runs one stage per rank: set "
-                              f"{prefix}pp_virtual_stages: 1 or use interleaved_1f1b")
+        schedule, virtual = self.pp_schedule, self.pp_virtual_stages
+        if schedule in V_SCHEDULES and virtual != 2:
+            raise ConfigError(f"{prefix}pp_schedule={schedule} runs exactly two stages per rank (in a V): set "
+                              f"{prefix}pp_virtual_stages: 2")
+        if schedule in INTERLEAVED_SCHEDULES and virtual < 2:
+            raise ConfigError(f"{prefix}pp_schedule={schedule} needs {prefix}pp_virtual_stages >= 2")
+        if schedule in ONE_STAGE_SCHEDULES and virtual != 1:
+            raise ConfigError(f"{prefix}pp_schedule={schedule} runs one stage per rank: set "
+                              f"{prefix}pp_virtual_stages: 1 or use interleaved_1f1b / interleaved_zb (any number "
+                              f"of stages per rank) or zbv / dualpipev (2)")
         stages = self.pp * self.pp_virtual_stages
         if self.pp_layers is not None and (len(self.pp_layers) != stages or min(self.pp_layers) < 1):
             raise ConfigError(f"{prefix}pp_layers={self.pp_layers} must have {stages} entries (pp * "

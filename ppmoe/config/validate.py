@@ -12,7 +12,7 @@ import dataclasses
 from ..errors import ConfigError
 from .growth_rules import check_growth
 from .layout import batch_layout, resolve_dims
-from .schema import ExperimentConfig
+from .schema import ZERO_BUBBLE_SCHEDULES, ExperimentConfig
 from .sizes import derived_ffn_hidden
 from .stages import stage_configs
 
@@ -42,8 +42,9 @@ def check_tp_split(cfg: ExperimentConfig) -> None:
 
 
 def check_pipeline_fits_model(cfg: ExperimentConfig) -> None:
-    """The pipeline's stages against the model's layers (the schedule is ParallelConfig's, the micro-batches
-    BatchLayout's)."""
+    """The pipeline's stages against the model's layers and the training options (the schedule's stages per
+    rank are ParallelConfig's, the micro-batches BatchLayout's). A tied embedding is fine: its two copies are
+    kept equal (ppmoe.parallel.tied_embeddings)."""
     par, model = cfg.parallel, cfg.model
     if par.pp == 1:
         return
@@ -54,9 +55,19 @@ def check_pipeline_fits_model(cfg: ExperimentConfig) -> None:
     if par.pp_layers is not None and sum(par.pp_layers) != model.n_layers:
         raise ConfigError(f"parallel.pp_layers={par.pp_layers} sums to {sum(par.pp_layers)}; its entries must sum "
                           f"to model.n_layers={model.n_layers}")
-    if model.tie_embeddings:
-        raise ConfigError("model.tie_embeddings is not supported with parallel.pp > 1 (the embedding and the "
-                          "output head live on different stages); set it to false")
+    if par.pp_schedule in ZERO_BUBBLE_SCHEDULES and cfg.train.compile:
+        # torch.distributed.pipelining splits the autograd graph into B and W; through compiled blocks'
+        # fused backward that split is not supported here
+        raise ConfigError(f"parallel.pp_schedule={par.pp_schedule} splits each backward into input and weight "
+                          f"gradients, which is not supported through compiled blocks: set train.compile: false, "
+                          f"or use pp_schedule 1f1b / interleaved_1f1b")
+    if par.pp_schedule in ZERO_BUBBLE_SCHEDULES and cfg.train.activation_checkpointing != "none":
+        # The split backward recomputes a checkpointed block twice (for B, then for W); per-op selective
+        # checkpointing hands out its saved tensors once, and the MoE replay contexts are single-use.
+        raise ConfigError(f"parallel.pp_schedule={par.pp_schedule} splits each backward in two, and "
+                          f"train.activation_checkpointing={cfg.train.activation_checkpointing} would recompute "
+                          f"each block twice: set train.activation_checkpointing: none, or use pp_schedule "
+                          f"1f1b / interleaved_1f1b")
 
 
 def check_moe_fits_model(cfg: ExperimentConfig) -> None:

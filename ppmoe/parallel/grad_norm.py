@@ -1,5 +1,11 @@
 """Global gradient norm and clipping for a model whose parameters mix plain tensors and DTensors
-sharded over different mesh dimensions (TP-sharded weights, FSDP-sharded weights, replicated norms)."""
+sharded over different mesh dimensions (TP-sharded weights, FSDP-sharded weights, replicated norms).
+
+A parameter that is a copy of one another pipeline rank holds (the output head of a tied embedding on the
+last stage, ppmoe.parallel.tied_embeddings) carries a gradient equal to the original's: it is marked with
+`count_elsewhere` and left out here, so the norm counts the tied weight once, as the single-process model
+does (Megatron marks it `shared` for the same reason).
+"""
 
 from __future__ import annotations
 
@@ -24,6 +30,18 @@ def sharded_groups(grad: torch.Tensor) -> tuple:
     return tuple(groups)
 
 
+COUNTED_ELSEWHERE = "_grad_norm_counted_elsewhere"
+
+
+def count_elsewhere(param: torch.nn.Parameter) -> None:
+    """Mark `param` as an exact copy of a parameter another rank holds and counts in the gradient norm."""
+    setattr(param, COUNTED_ELSEWHERE, True)
+
+
+def counted_here(param: torch.nn.Parameter) -> bool:
+    return not getattr(param, COUNTED_ELSEWHERE, False)
+
+
 @torch.no_grad()
 def global_grad_norm(parameters: Iterable[torch.nn.Parameter], stage_group: dist.ProcessGroup | None = None
                      ) -> torch.Tensor:
@@ -32,7 +50,7 @@ def global_grad_norm(parameters: Iterable[torch.nn.Parameter], stage_group: dist
     by_groups: dict[tuple, torch.Tensor] = {}
     seen = set()
     for p in parameters:
-        if p.grad is None or id(p) in seen:  # tied weights appear once
+        if p.grad is None or id(p) in seen or not counted_here(p):  # tied weights count once
             continue
         seen.add(id(p))
         grad = p.grad

@@ -320,9 +320,15 @@ class CheckpointManager:
             set_model_state_dict(model, model_sd)
             return
         model_sd, optim_sd = get_state_dict(model, optimizer)
+        own_names = [group["params"] for group in optim_sd["param_groups"]]
         wanted = {"state": optim_sd["state"]} if moments_only else optim_sd
         with reading(path, "the model and optimizer state"):
             dcp.load({"model": model_sd, "optim": wanted}, checkpoint_id=str(path), no_dist=self.no_dist)  # in place
+        # The groups' parameter names are this rank's (pipeline ranks hold different parameters), but DCP
+        # stored one rank's lists: keep ours, with the loaded hyperparameters. torch matches a tied weight
+        # against these names, and would drop it where the stored list came from a rank without it.
+        for group, names in zip(optim_sd["param_groups"], own_names):
+            group["params"] = names
         set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
 
     def restore_rng(self, path: Path) -> None:

@@ -139,22 +139,23 @@ def parameter_table(shape: GPTShape) -> ParameterTable:
 
 
 def stage_parameter_names(shape: GPTShape, dims: ParallelDims, cfg: ExperimentConfig, pp_rank: int) -> set[str]:
-    """The parameters pipeline rank `pp_rank` holds: its stages' layers, the ends' embedding / norm + head."""
+    """The parameters pipeline rank `pp_rank` holds: its stages' layers, the ends' embedding / norm + head
+    (with tied embeddings the last stage's head is a copy of the embedding, counted under its name)."""
     names = set(parameter_table(shape).shapes)
     if dims.pp == 1:
         return names
     par = cfg.parallel
     num_stages = dims.pp * par.pp_virtual_stages
     counts = layers_per_stage(shape.n_layers, num_stages, par.pp_layers)
-    ids = stage_ids(pp_rank, dims.pp, par.pp_virtual_stages)
+    ids = stage_ids(pp_rank, par)
     layers = {str(i) for s in ids for i in range(sum(counts[:s]), sum(counts[:s + 1]))}
     kept = set()
     for name in names:
         part = name.split(".")
         if part[0] == "layers" and part[1] in layers:
             kept.add(name)
-        elif part[0] == "tok_embeddings" and 0 in ids:
-            kept.add(name)
+        elif part[0] == "tok_embeddings" and (0 in ids or shape.tie_embeddings and num_stages - 1 in ids):
+            kept.add(name)  # a tied head's rank holds its own copy of the embedding
         elif part[0] in ("norm", "output") and num_stages - 1 in ids:
             kept.add(name)
     return kept

@@ -5,7 +5,6 @@ in that order (torchtitan's order), then this rank's shards materialised; and th
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from ..model.build import materialize
@@ -16,8 +15,9 @@ from ..parallel.activation_checkpointing import apply_activation_checkpointing
 from ..parallel.compile_blocks import apply_compile
 from ..parallel.expert_parallel import prepare_expert_gradients
 from ..parallel.mixed_precision import Precision
+from ..parallel.pipeline import build_schedule, split_for_pipeline, stage_view
 from ..parallel.sequence_parallel import sum_partial_gradients, tensor_parallel_step
-from ..parallel.pipeline import StageUnion, build_schedule, split_for_pipeline
+from ..parallel.tied_embeddings import tie_pipeline_ends
 from ..model.loss import LossFunction
 from .runner import PipelineRunner, SingleStageRunner
 
@@ -33,7 +33,7 @@ def parallelize(model: GPT, par: ParallelConfig, dims: ParallelDims, batch: Batc
     if dims.pp == 1:
         parts, ids = [model], [0]
     else:
-        ids, parts = split_for_pipeline(model, mesh["pp"], par.pp_virtual_stages, par.pp_layers)
+        ids, parts = split_for_pipeline(model, mesh["pp"], par)
     for part in parts:
         tensor_parallel_step(par.sequence_parallel)(part, mesh["tp"])
         owned = apply_expert_layout(part)
@@ -43,13 +43,13 @@ def parallelize(model: GPT, par: ParallelConfig, dims: ParallelDims, batch: Batc
         materialize(part, seed, device)  # this rank's shards only, now that every placement is known
         prepare_expert_gradients(part)
         sum_partial_gradients(part)  # sequence-parallel norms' weights (a no-op without SP)
-    view: nn.Module = parts[0] if len(parts) == 1 else StageUnion(parts)
     if dims.pp == 1:
-        return view, SingleStageRunner(model, batch, loss_fn)
+        return model, SingleStageRunner(model, batch, loss_fn)
     num_stages = dims.pp * par.pp_virtual_stages
 
     def make_schedule(microbatch_loss):
         return build_schedule(par.pp_schedule, parts, ids, num_stages, mesh["pp"], device, batch.micro_batches,
                               microbatch_loss)
 
-    return view, PipelineRunner(parts, num_stages - 1 in ids, batch, loss_fn, make_schedule)
+    return stage_view(parts), PipelineRunner(parts, num_stages - 1 in ids, batch, loss_fn, make_schedule,
+                                             tie_pipeline_ends(parts, mesh, par))

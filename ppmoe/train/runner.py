@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from ..config import BatchLayout
 from ..model.loss import LossFunction, scalar_value
+from ..parallel.tied_embeddings import TiedAcrossRanks, TiedOnOneRank, Untied
 from .moe_metrics import commit_moe_stats
 from .step import forward_backward
 
@@ -47,13 +48,15 @@ class SingleStageRunner:
 
 class PipelineRunner:
     """This rank's pipeline stages driven by a torch.distributed.pipelining schedule. The micro-batches
-    of gradient accumulation are the pipeline's micro-batches."""
+    of gradient accumulation are the pipeline's micro-batches. `tie` keeps a tied embedding's two copies
+    (first and last stage) equal: ppmoe.parallel.tied_embeddings."""
 
     def __init__(self, parts: list[nn.Module], is_last: bool, batch: BatchLayout, loss_fn: LossFunction,
-                 make_schedule: Callable[[Callable], object]):
+                 make_schedule: Callable[[Callable], object],
+                 tie: Untied | TiedAcrossRanks | TiedOnOneRank = Untied()):
         self.parts, self.holds_loss = parts, is_last
         self.batch, self.loss_fn = batch, loss_fn
-        self.make_schedule = make_schedule
+        self.make_schedule, self.tie = make_schedule, tie
         self.schedule = make_schedule(self.microbatch_loss)
 
     def set_loss(self, loss_fn: LossFunction) -> None:
@@ -77,11 +80,14 @@ class PipelineRunner:
         return torch.stack([scalar_value(loss) for loss in losses]).sum()
 
     def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        self.tie.before_step()
         loss = self.run(self.schedule.step, inputs, targets)
+        self.tie.after_backward()  # before the trainer clips: the tied weight's whole gradient on both copies
         # The schedule's shape-inference forwards come before the micro-batches: keep the last ones.
         commit_moe_stats(self.parts, keep_last=self.batch.micro_batches)
         return loss
 
     @torch.no_grad()
     def eval_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        self.tie.before_step()
         return self.run(self.schedule.eval, inputs, targets)
