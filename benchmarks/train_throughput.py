@@ -36,15 +36,26 @@ LAYOUT_OVERRIDES = {
     "pp2_interleaved": ["parallel.tp=1", "parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b",
                         "parallel.pp_virtual_stages=2"],
     "pp4_1f1b": ["parallel.tp=1", "parallel.pp=4"],
+    "pp2_interleaved_zb": ["parallel.tp=1", "parallel.pp=2", "parallel.pp_schedule=interleaved_zb",
+                           "parallel.pp_virtual_stages=2"],
+    "pp2_zbv": ["parallel.tp=1", "parallel.pp=2", "parallel.pp_schedule=zbv", "parallel.pp_virtual_stages=2"],
+    "pp2_dualpipev": ["parallel.tp=1", "parallel.pp=2", "parallel.pp_schedule=dualpipev",
+                      "parallel.pp_virtual_stages=2"],
+    "tp2_sp": ["parallel.tp=2", "parallel.sequence_parallel=true"],
 }
-PIPELINE_REPORT = {"layouts": ["1:tp1", "2:pp2_gpipe", "2:pp2_1f1b", "2:pp2_interleaved", "4:pp4_1f1b"],
+ZERO_BUBBLE = ("interleaved_zb", "zbv", "dualpipev")
+PIPELINE_REPORT = {"layouts": ["1:tp1", "2:pp2_gpipe", "2:pp2_1f1b", "2:pp2_interleaved", "2:pp2_interleaved_zb",
+                               "2:pp2_zbv", "2:pp2_dualpipev", "4:pp4_1f1b"],
                    # untied embeddings (the head lives on the last stage) and 8 micro-batches per step
                    "set": ["model.tie_embeddings=false", "train.micro_batch_size=2"]}
 
 
 def ideal_bubble(overrides: list[str], global_batch: int, micro: int) -> float:
-    """(p - 1) / (v m + p - 1) of the layout's schedule; 0 without pipelining."""
+    """(p - 1) / (v m + p - 1) of the layout's schedule; 0 without pipelining, and 0 for the zero-bubble
+    schedules (their ideal, when forward, input-gradient and weight-gradient passes take equal time)."""
     get = dict(o.split("=", 1) for o in overrides)
+    if get.get("parallel.pp_schedule") in ZERO_BUBBLE:
+        return 0.0
     p, v = int(get.get("parallel.pp", 1)), int(get.get("parallel.pp_virtual_stages", 1))
     m = global_batch // micro
     return (p - 1) / (v * m + p - 1)
@@ -96,9 +107,9 @@ def main() -> None:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps({"config": args.config, "steps": args.steps, "overrides": common,
                                      "rows": rows}, indent=2))
-    print(f"{'layout':<16} {'procs':>5} {'threads':>7} {'tokens/s':>10} {'ratio':>6} {'per proc':>8} {'bubble':>7}")
+    print(f"{'layout':<20} {'procs':>5} {'threads':>7} {'tokens/s':>10} {'ratio':>6} {'per proc':>8} {'bubble':>7}")
     for r in rows:
-        print(f"{r['layout']:<16} {r['processes']:>5} {r['threads_per_process']:>7} {r['tokens_per_sec']:>10,.0f} "
+        print(f"{r['layout']:<20} {r['processes']:>5} {r['threads_per_process']:>7} {r['tokens_per_sec']:>10,.0f} "
               f"{r['ratio_to_first']:>6.2f} {r['per_process_ratio']:>8.2f} {r['ideal_bubble']:>7.1%}")
     print(f"wrote {out}")
 
