@@ -71,3 +71,14 @@ def test_tp2_moe_compiled_matches_one_process_eager(tiny_dataset, tmp_path, sequ
     assert ref["losses"][-1] < ref["losses"][0]
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=1e-4, atol=0)
     torch.testing.assert_close(torch.tensor(got["grad_norms"]), torch.tensor(ref["grad_norms"]), rtol=1e-4, atol=0)
+
+
+def test_pp2_moe_compiled_matches_one_process_eager(tiny_dataset, tmp_path):
+    """Compiled blocks inside 1F1B pipeline stages (the 143B config's setting), untied embeddings."""
+    base = [*MOE, "model.n_layers=4", "model.tie_embeddings=false"]
+    ref = run_ranks(train_and_report, 1, tiny_dataset, str(tmp_path / "ref"), base)[0]
+    got = run_ranks(train_and_report, 2, tiny_dataset, str(tmp_path / "pp2"),
+                    [*base, "parallel.pp=2", "train.compile=true"])[0]
+    assert ref["losses"][-1] < ref["losses"][0]
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=1e-4, atol=0)
+    torch.testing.assert_close(torch.tensor(got["grad_norms"]), torch.tensor(ref["grad_norms"]), rtol=1e-4, atol=0)
