@@ -118,7 +118,8 @@ def assert_matches(reports, ref, what):
 @pytest.fixture(scope="module")
 def references(tiny_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("schedule_refs")
-    runs = {"dense": PP_BASE, "moe": [*PP_BASE, *MOE], "tied": [*PP_BASE, "model.tie_embeddings=true"]}
+    runs = {"dense": PP_BASE, "moe": [*PP_BASE, *MOE], "tied": [*PP_BASE, "model.tie_embeddings=true"],
+            "tied_moe": [*PP_BASE, *MOE, "model.tie_embeddings=true"]}
     return {name: run_ranks(train_all_ranks, 1, tiny_dataset, str(out / name), overrides)[0]
             for name, overrides in runs.items()}
 
@@ -163,6 +164,8 @@ TIED_LAYOUTS = {
     "interleaved_1f1b": (2, ["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual_stages=2"]),
     # the V puts both ends on rank 0: the head's copy follows the embedding
     "zbv": (2, ["parallel.pp=2", "parallel.pp_schedule=zbv", "parallel.pp_virtual_stages=2"]),
+    "dualpipev": (2, ["parallel.pp=2", "parallel.pp_schedule=dualpipev", "parallel.pp_virtual_stages=2",
+                      "train.micro_batch_size=1"]),
 }
 
 
@@ -185,7 +188,9 @@ def test_tied_embedding_under_pp_matches_single_process(layout, references, tiny
     assert_matches(reports, ref, f"tied {layout}")
     embedding, head = end_weights(reports)
     assert torch.equal(embedding, head)
-    torch.testing.assert_close(embedding, ref["params"]["tok_embeddings.weight"], rtol=1e-5, atol=1e-6)
+    # fp32 rounding: dualpipev runs 1-sequence micro-batches (it needs 2 pp of them), whose gradients sum in
+    # another order than the reference's (measured: 1.8e-6 at most)
+    torch.testing.assert_close(embedding, ref["params"]["tok_embeddings.weight"], rtol=1e-5, atol=1e-5)
     holders = [r["grads"]["tok_embeddings.weight"] for r in reports if "tok_embeddings.weight" in r["grads"]]
     assert all(torch.equal(g, holders[0]) for g in holders)  # each end holds the whole tied gradient
 
@@ -208,8 +213,13 @@ COMPOSED = {
     "tied_zbv_dp2_fsdp": ("tied", ["parallel.pp=2", "parallel.pp_schedule=zbv", "parallel.pp_virtual_stages=2"]),
     "tied_zbv_tp2": ("tied", ["parallel.pp=2", "parallel.tp=2", "parallel.pp_schedule=zbv",
                               "parallel.pp_virtual_stages=2"]),
+    # tie, Pipeline-MoE and sequence parallelism together (the head all-gathers the sequence slices)
+    "tied_moe_1f1b_tp2_sp": ("tied_moe", ["parallel.pp=2", "parallel.tp=2", "parallel.sequence_parallel=true"]),
+    "tied_moe_zbv_tp2": ("tied_moe", ["parallel.pp=2", "parallel.tp=2", "parallel.pp_schedule=zbv",
+                                      "parallel.pp_virtual_stages=2"]),
 }
-MODEL_OVERRIDES = {"dense": PP_BASE, "moe": [*PP_BASE, *MOE], "tied": TIED}
+MODEL_OVERRIDES = {"dense": PP_BASE, "moe": [*PP_BASE, *MOE], "tied": TIED,
+                   "tied_moe": [*TIED, *MOE]}
 
 
 @pytest.mark.parametrize("layout", sorted(COMPOSED))
@@ -217,7 +227,7 @@ def test_composed_layout_matches_single_process(layout, references, tiny_dataset
     model, overrides = COMPOSED[layout]
     reports = run_ranks(train_all_ranks, 4, tiny_dataset, str(tmp_path), [*MODEL_OVERRIDES[model], *overrides])
     assert_matches(reports, references[model], layout)
-    if model == "tied":
+    if model.startswith("tied"):
         embedding, head = end_weights(reports)
         assert torch.equal(embedding, head)
 
