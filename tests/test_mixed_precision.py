@@ -211,7 +211,7 @@ def test_bf16_moe_alltoall_experts_run_in_bf16(tiny_dataset, tmp_path):
 ])
 def test_bf16_tensor_and_pipeline_parallel(layout, overrides, rtol, tiny_dataset, tmp_path):
     """Every part of a TP or PP run is wrapped over its 1-rank dp mesh and computes in bf16 like one process."""
-    ref_overrides = ["model.tie_embeddings=false"] if layout == "pp2" else ["model.tie_embeddings=true"] if layout == "pp2_tied" else []
+    ref_overrides = {"pp2": ["model.tie_embeddings=false"], "pp2_tied": ["model.tie_embeddings=true"]}.get(layout, [])
     ref = run(1, tiny_dataset, tmp_path, "ref", ["train.dtype=bf16", *ref_overrides])
     got = run(2, tiny_dataset, tmp_path, layout, ["train.dtype=bf16", *overrides])
     assert got["wrapped"]

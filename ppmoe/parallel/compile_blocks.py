@@ -8,8 +8,9 @@ code. Compiling block by block keeps compile time that of one block (blocks of a
 
 The first block after the embedding gets a copy of its input (`on_a_copy`): under TP the embedding's output
 is a view made by DTensor's to_local, and the compiled backward otherwise fails (seen on torch 2.13); the
-copy is done whatever the layout, so the code does not depend on it. Tested: one process, tp2 with Pipeline-MoE (and per-op checkpointing), tp2 with sequence
-parallelism, FSDP2 over two ranks, 1F1B over two stages, each with dense and MoE blocks.
+copy is done whatever the layout, so the code does not depend on it. Tested: one process, tp2 with
+Pipeline-MoE (and per-op checkpointing), tp2 with sequence parallelism, FSDP2 over two ranks, 1F1B over
+two stages, each with dense and MoE blocks.
 
 Where the graph breaks (dynamo ends the graph there, runs that piece eagerly and compiles what follows;
 no error), all in the MoE block, where shapes depend on the routing:
